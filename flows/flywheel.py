@@ -1,0 +1,16 @@
+"""Several rounds in a row: each round starts from whatever `champion` points at when it begins."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.round import flywheel_round
+from flywheel.config import FlywheelConfig
+from flywheel.stages import RoundRecord
+
+
+@flow(name="flywheel")
+def flywheel(config: FlywheelConfig = FlywheelConfig(), rounds: int = 1, workspace: str | None = None) -> list[RoundRecord]:
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    return [flywheel_round(config, workspace) for _ in range(rounds)]

@@ -1,0 +1,244 @@
+"""The ``flywheel`` command: it parses arguments and dispatches; the work happens in the library and the flows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from flywheel.config import ConfigError, FlywheelConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="A self-improvement flywheel for language models.")
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (default: configs/default.yaml).")]
+WorkspaceOption = Annotated[
+    Optional[Path], typer.Option("--workspace", "-w", help="git + DVC workspace (default: $FLYWHEEL_WORKSPACE or .).")
+]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _setup(config_path: Path | None, workspace: Path | None):
+    """Load the recipe and point the embedded services at the workspace, before Prefect is imported."""
+    from flywheel.workspace import Workspace, activate
+
+    root = (workspace or Path(os.environ.get("FLYWHEEL_WORKSPACE") or Path.cwd())).resolve()
+    if config_path is None and (root / "configs" / "default.yaml").is_file():
+        config_path = root / "configs" / "default.yaml"
+    try:
+        config = load_config(config_path, base_dir=root) if config_path else FlywheelConfig()
+    except ConfigError as error:
+        _fail(str(error))
+    ws = Workspace.from_config(config, root)
+    activate(ws)
+    return config, ws
+
+
+@app.command()
+def run(config: ConfigOption = None, workspace: WorkspaceOption = None,
+        rounds: Annotated[int, typer.Option(min=1, help="Rounds to run, one after another.")] = 1) -> None:
+    """Run flywheel rounds and print a summary of each."""
+    cfg, ws = _setup(config, workspace)
+    from flows.flywheel import flywheel
+
+    records = flywheel(cfg, rounds=rounds, workspace=str(ws.root))
+    _print_summary(records)
+
+
+def summary_rows(record) -> dict[str, str]:
+    """The figures a user checks after a round, as printable strings."""
+    ev, trained, promotion = record.evaluation, record.trained, record.promotion
+    return {
+        "status": record.status,
+        "parent version": f"v{record.parent_version}",
+        "prompts": str(record.prompts.round_prompts),
+        "samples": str(record.judged.rows),
+        "sample pass rate": f"{record.judged.pass_rate:.3f}",
+        "pairs": str(record.quality.clean.pairs),
+        "sft rows": str(record.quality.clean.sft),
+        "quarantined": str(record.quality.quarantined),
+        "review": f"{'approved' if record.review.approved else 'rejected'} by {record.review.reviewer}",
+        "train loss": f"{trained.train_loss:.4f}" if trained else "-",
+        "eval before (champion)": f"{ev.champion.prompt_accuracy:.3f}" if ev else "-",
+        "eval after (candidate)": f"{ev.candidate.prompt_accuracy:.3f}" if ev else "-",
+        "win rate vs champion": f"{ev.win_rate:.3f}" if ev else "-",
+        "new version": f"v{record.registration.version}" if record.registration else "-",
+        "promoted": ("yes" if promotion.promoted else "no") if promotion else "-",
+        "dataset tag": record.dataset.tag if record.dataset else "-",
+    }
+
+
+def _print_summary(records) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="flywheel rounds")
+    table.add_column("")
+    for record in records:
+        table.add_column(record.name)
+    rows = [summary_rows(r) for r in records]
+    for key in rows[0] if rows else []:
+        table.add_row(key, *(row[key] for row in rows))
+    Console().print(table)
+    for record in records:
+        if record.promotion:
+            typer.echo(f"{record.name}: {record.promotion.reason}")
+
+
+@app.command()
+def status(config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
+    """Champion, candidate and the last rounds."""
+    cfg, ws = _setup(config, workspace)
+    from flywheel import registry
+    from flywheel.stages import read_round_records
+
+    name = cfg.model.registered_name
+    typer.echo(f"workspace: {ws.root}\ntracking:  {ws.tracking_uri}\nmodel:     {name}")
+    for alias in (registry.CHAMPION, registry.CANDIDATE):
+        info = registry.find_version(ws.tracking_uri, name, alias)
+        typer.echo(f"{alias:10} " + (f"v{info.version} (round {info.tags.get('flywheel.round', '?')})" if info else "-"))
+    records = read_round_records(ws)
+    if records:
+        _print_summary(records[-5:])
+    else:
+        typer.echo("no finished rounds yet")
+
+
+@app.command()
+def promote(version: str, config: ConfigOption = None, workspace: WorkspaceOption = None,
+            reason: Annotated[str, typer.Option(help="Why; recorded on the version.")] = "manual promotion",
+            actor: Annotated[str, typer.Option(help="Who promotes.")] = os.environ.get("USER", "reviewer")) -> None:
+    """Move the `champion` alias to VERSION (a number, or an alias such as `candidate`)."""
+    cfg, ws = _setup(config, workspace)
+    from flywheel import registry
+
+    try:
+        result = registry.set_champion(ws.tracking_uri, cfg.model.registered_name, version, reason=reason, actor=actor)
+    except registry.RegistryError as error:
+        _fail(str(error))
+    typer.echo(f"champion -> v{result.version} (was v{result.previous})" if result.promoted else result.reason)
+
+
+@app.command()
+def rollback(config: ConfigOption = None, workspace: WorkspaceOption = None,
+             reason: Annotated[str, typer.Option(help="Why; recorded on the demoted version.")] = "manual rollback",
+             actor: Annotated[str, typer.Option(help="Who rolls back.")] = os.environ.get("USER", "reviewer")) -> None:
+    """Move `champion` back to the version it replaced."""
+    cfg, ws = _setup(config, workspace)
+    from flywheel import registry
+
+    try:
+        result = registry.rollback(ws.tracking_uri, cfg.model.registered_name, reason=reason, actor=actor)
+    except registry.RegistryError as error:
+        _fail(str(error))
+    typer.echo(f"champion -> v{result.version} (rolled back from v{result.previous})")
+
+
+@app.command()
+def export(ref: str, directory: Path, config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
+    """Write a registered version or alias (e.g. `champion`) as a plain Hugging Face model folder."""
+    cfg, ws = _setup(config, workspace)
+    import shutil
+
+    from flywheel import registry
+
+    try:
+        info = registry.get_version(ws.tracking_uri, cfg.model.registered_name, ref)
+    except registry.RegistryError as error:
+        _fail(str(error))
+    source = registry.materialize(ws.tracking_uri, info, ws.models)
+    if directory.exists() and any(directory.iterdir()):
+        _fail(f"{directory}: exists and is not empty")
+    shutil.copytree(source, directory, dirs_exist_ok=True)
+    typer.echo(f"v{info.version} -> {directory}")
+
+
+@app.command()
+def review(config: ConfigOption = None, workspace: WorkspaceOption = None,
+           run_id: Annotated[Optional[str], typer.Option("--run", help="Paused flow run id (default: the only one).")] = None,
+           approve: Annotated[Optional[bool], typer.Option("--approve/--reject", help="The decision.")] = None,
+           reviewer: Annotated[str, typer.Option(help="Who decides.")] = os.environ.get("USER", "reviewer"),
+           notes: Annotated[str, typer.Option(help="Why.")] = "",
+           drop: Annotated[Optional[list[str]], typer.Option(help="Row id to drop (repeatable).")] = None) -> None:
+    """List rounds paused for review with their sample; with --approve or --reject, resume one."""
+    _setup(config, workspace)
+    from flywheel.prefect_review import paused_rounds, resume_round, review_page
+
+    paused = paused_rounds()
+    if not paused:
+        typer.echo("no rounds are waiting for review")
+        return
+    if approve is None:
+        for item in paused:
+            typer.echo(f"{item.flow_run_id}  {item.name}  paused since {item.paused_at}")
+            typer.echo(review_page(item.flow_run_id) or "(no sample published)")
+        typer.echo("decide with: flywheel review --run ID --approve|--reject --reviewer NAME [--notes ...] [--drop ROW_ID]")
+        return
+    if run_id is None:
+        if len(paused) > 1:
+            _fail("several rounds are paused: choose one with --run ID")
+        run_id = str(paused[0].flow_run_id)
+    try:
+        resume_round(run_id, approve=approve, reviewer=reviewer, notes=notes, drop_row_ids=drop or [])
+    except ValueError as error:
+        _fail(str(error))
+    typer.echo(f"{'approved' if approve else 'rejected'} flow run {run_id}")
+
+
+@app.command()
+def ui(config: ConfigOption = None, workspace: WorkspaceOption = None,
+       prefect_port: int = 4200, mlflow_port: int = 5000) -> None:
+    """Start the Prefect and MLflow servers on 127.0.0.1 over this workspace's state, until Ctrl-C."""
+    _, ws = _setup(config, workspace)
+    import urllib.request
+
+    bin_dir = Path(sys.executable).parent
+    ws.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+    servers = {
+        f"http://127.0.0.1:{prefect_port}": (
+            [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port),
+             "--analytics-off"], f"http://127.0.0.1:{prefect_port}/api/health"),
+        f"http://127.0.0.1:{mlflow_port}": (
+            [str(bin_dir / "mlflow"), "server", "--backend-store-uri", ws.tracking_uri, "--default-artifact-root",
+             ws.mlflow_artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(mlflow_port)],
+            f"http://127.0.0.1:{mlflow_port}/health"),
+    }
+    processes = [subprocess.Popen(cmd, env=os.environ.copy()) for cmd, _ in servers.values()]
+    try:
+        for url, (_, health) in servers.items():
+            deadline = time.time() + 90
+            while True:
+                try:
+                    urllib.request.urlopen(health, timeout=2)
+                    break
+                except OSError:
+                    if time.time() > deadline or any(p.poll() is not None for p in processes):
+                        _fail(f"server for {url} did not become healthy")
+                    time.sleep(1)
+        typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}\nMLflow UI:  http://127.0.0.1:{mlflow_port}")
+        typer.echo(f"To send runs to this server: export PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api")
+        while all(p.poll() is None for p in processes):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

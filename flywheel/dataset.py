@@ -1,0 +1,111 @@
+"""Turn judged samples into training data (preference pairs and SFT rows) and write a round's dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from flywheel.config import FeedbackConfig
+
+PAIR_COLUMNS = ["row_id", "prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score"]
+SFT_COLUMNS = ["row_id", "prompt_id", "prompt", "completion", "score"]
+TABLES = ("samples", "pairs", "sft")
+
+
+def build_pairs(samples, config: FeedbackConfig):
+    """One pair per prompt: its best sample as chosen, its worst as rejected, when they differ enough.
+
+    A prompt whose samples all pass (or all fail) teaches no preference and yields no pair.
+    """
+    import pandas as pd
+
+    rows = []
+    for prompt_id, group in samples.groupby("prompt_id", sort=True):
+        ranked = group.sort_values(["score", "sample_index"], ascending=[False, True])
+        best, worst = ranked.iloc[0], ranked.iloc[-1]
+        if config.chosen_must_pass and not best["passed"]:
+            continue
+        if best["score"] - worst["score"] <= config.min_score_gap or best["score"] <= worst["score"]:
+            continue
+        if best["response"].strip() == worst["response"].strip():
+            continue
+        rows.append({
+            "row_id": f"{prompt_id}-pair",
+            "prompt_id": prompt_id,
+            "prompt": best["prompt"],
+            "chosen": best["response"],
+            "rejected": worst["response"],
+            "chosen_score": float(best["score"]),
+            "rejected_score": float(worst["score"]),
+        })
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def build_sft(samples, config: FeedbackConfig):
+    """Every distinct sample that meets the score bar is an SFT target for its prompt."""
+    import pandas as pd
+
+    accepted = samples[samples["score"] >= config.sft_min_score]
+    accepted = accepted.assign(_key=accepted["response"].str.strip()).drop_duplicates(["prompt_id", "_key"])
+    rows = [
+        {
+            "row_id": f"{r.prompt_id}-sft{r.sample_index}",
+            "prompt_id": r.prompt_id,
+            "prompt": r.prompt,
+            "completion": r.response,
+            "score": float(r.score),
+        }
+        for r in accepted.itertuples()
+    ]
+    return pd.DataFrame(rows, columns=SFT_COLUMNS)
+
+
+class DatasetManifest(BaseModel):
+    """What a round's dataset folder holds: written last into it, so it is complete when present."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    round: int
+    files: dict[str, str]  # file name -> sha256
+    rows: dict[str, int]
+    config_hash: str
+    parent_version: str
+    prompts: int
+
+
+def write_parquet(frame, path: Path) -> str:
+    """Atomic write (temporary file, then rename); returns the file's sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return file_sha256(path)
+
+
+def write_json(data: dict, path: Path) -> str:
+    from flywheel.models import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str))
+    return file_sha256(path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_table(path: Path):
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable Parquet table: {error}") from error

@@ -1,0 +1,75 @@
+"""Held-out evaluation with the same verifiers that judge training data, and the candidate-vs-champion comparison."""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ModelScores(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prompts: int
+    prompt_accuracy: float  # share of prompts whose response satisfies every constraint
+    constraint_accuracy: float  # share of all constraints satisfied
+    per_type: dict[str, float]  # instruction type -> share satisfied
+    truncated_share: float  # responses cut at the token limit
+    mean_tokens: float
+
+
+class Evaluation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    candidate: ModelScores
+    champion: ModelScores
+    win_rate: float  # candidate beats champion per prompt on verifier score; ties count half
+    accuracy_gain: float
+
+    def metrics(self) -> dict[str, float]:
+        flat = {
+            "eval.win_rate": self.win_rate,
+            "eval.accuracy_gain": self.accuracy_gain,
+        }
+        for label, scores in (("candidate", self.candidate), ("champion", self.champion)):
+            flat[f"eval.{label}.prompt_accuracy"] = scores.prompt_accuracy
+            flat[f"eval.{label}.constraint_accuracy"] = scores.constraint_accuracy
+            flat[f"eval.{label}.truncated_share"] = scores.truncated_share
+            for kind, value in scores.per_type.items():
+                flat[f"eval.{label}.type.{kind}"] = value
+        return flat
+
+
+def summarize(judged) -> ModelScores:
+    """Aggregate a judged-samples table (one greedy sample per prompt) into accuracy figures."""
+    if judged.empty:
+        raise ValueError("cannot evaluate on an empty prompt set")
+    totals: dict[str, list[int]] = {}
+    for checks in judged["checks"]:
+        for kind, ok in json.loads(checks).items():
+            totals.setdefault(kind, [0, 0])
+            totals[kind][0] += int(ok)
+            totals[kind][1] += 1
+    satisfied = sum(v[0] for v in totals.values())
+    count = sum(v[1] for v in totals.values())
+    return ModelScores(
+        prompts=len(judged),
+        prompt_accuracy=float(judged["passed"].mean()),
+        constraint_accuracy=satisfied / count if count else 0.0,
+        per_type={kind: v[0] / v[1] for kind, v in sorted(totals.items())},
+        truncated_share=float((~judged["finished"].astype(bool)).mean()),
+        mean_tokens=float(judged["n_tokens"].mean()),
+    )
+
+
+def compare(candidate_judged, champion_judged) -> Evaluation:
+    merged = candidate_judged.merge(champion_judged, on="prompt_id", suffixes=("_cand", "_champ"))
+    if len(merged) != len(candidate_judged):
+        raise ValueError("candidate and champion were not evaluated on the same prompts")
+    wins = (merged["score_cand"] > merged["score_champ"]).sum()
+    ties = (merged["score_cand"] == merged["score_champ"]).sum()
+    candidate, champion = summarize(candidate_judged), summarize(champion_judged)
+    return Evaluation(
+        candidate=candidate,
+        champion=champion,
+        win_rate=float((wins + 0.5 * ties) / len(merged)),
+        accuracy_gain=candidate.prompt_accuracy - champion.prompt_accuracy,
+    )

@@ -1,0 +1,136 @@
+"""Generation: a model answers prompts, several samples each, in length-sorted batches.
+
+Engines sit behind one small interface so faster backends can replace the default without touching the stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class Completion(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    request_index: int
+    sample_index: int
+    text: str
+    n_tokens: int
+    finished: bool  # ended with EOS rather than at the token limit
+
+
+@dataclass(frozen=True)
+class Request:
+    messages: tuple[dict[str, str], ...]
+
+
+Progress = Callable[[int], None]
+
+
+class Engine(Protocol):
+    def generate(
+        self, requests: Sequence[Request], samples: int, params: SamplingParams, progress: Progress | None = None
+    ) -> list[Completion]: ...
+
+
+def user_request(prompt: str) -> Request:
+    return Request(messages=({"role": "user", "content": prompt},))
+
+
+class TransformersEngine:
+    """Batched ``model.generate`` on CPU or GPU, sorted by prompt length so padding stays small."""
+
+    def __init__(self, model_dir: Path, device: str = "cpu", batch_size: int = 32):
+        from flywheel.models import load_model, load_tokenizer
+
+        self.device = device
+        self.batch_size = batch_size
+        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
+        dtype = "bfloat16" if device == "cuda" else "float32"
+        self.model = load_model(model_dir, device=device, dtype=dtype).eval()
+
+    def encode(self, request: Request) -> list[int]:
+        encoded = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True)
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    def generate(
+        self, requests: Sequence[Request], samples: int, params: SamplingParams, progress: Progress | None = None
+    ) -> list[Completion]:
+        import torch
+
+        encoded = [self.encode(r) for r in requests]
+        jobs = [(i, s) for i in range(len(requests)) for s in range(samples)]
+        # Longest first: the slowest batches start early and memory peaks at the beginning, not the end.
+        jobs.sort(key=lambda job: (-len(encoded[job[0]]), job))
+        eos_ids = self._eos_ids()
+        pad_id = self.tokenizer.pad_token_id
+        results: list[Completion] = []
+        for start in range(0, len(jobs), self.batch_size):
+            batch = jobs[start:start + self.batch_size]
+            width = max(len(encoded[i]) for i, _ in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (i, _) in enumerate(batch):
+                tokens = encoded[i]
+                ids[row, width - len(tokens):] = torch.tensor(tokens)
+                mask[row, width - len(tokens):] = 1
+            # Seeded per batch position so a resumed or re-ordered run draws the same samples.
+            torch.manual_seed(params.seed * 1_000_003 + start)
+            sampling = params.temperature > 0
+            with torch.inference_mode():
+                output = self.model.generate(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    max_new_tokens=params.max_new_tokens,
+                    do_sample=sampling,
+                    temperature=params.temperature if sampling else None,
+                    top_p=params.top_p if sampling else None,
+                    top_k=None,
+                    pad_token_id=pad_id,
+                    eos_token_id=eos_ids,
+                )
+            new_tokens = output[:, width:].tolist()
+            for row, (i, s) in enumerate(batch):
+                tokens, finished = _cut_at_eos(new_tokens[row], set(eos_ids))
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                results.append(
+                    Completion(request_index=i, sample_index=s, text=text, n_tokens=len(tokens), finished=finished)
+                )
+            if progress:
+                progress(len(batch))
+        results.sort(key=lambda c: (c.request_index, c.sample_index))
+        return results
+
+    def _eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif configured:
+            ids.update(configured)
+        return sorted(i for i in ids if i is not None)
+
+
+def _cut_at_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
+    for position, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:position], True
+    return tokens, False
+
+
+def make_engine(name: str, model_dir: Path, device: str, batch_size: int) -> Engine:
+    if name == "transformers":
+        return TransformersEngine(model_dir, device=device, batch_size=batch_size)
+    raise ValueError(f"unknown generation engine {name!r} (available: transformers)")

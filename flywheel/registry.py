@@ -1,0 +1,192 @@
+"""MLflow: the policy's registered model, its versions, lineage tags and the champion/candidate aliases.
+
+MLflow is the source of truth for which weights are the champion; the local model store is only a verified cache
+of registered versions' artifacts.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+CHAMPION = "champion"
+CANDIDATE = "candidate"
+TAG = "flywheel."  # prefix of every tag this project writes
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+class VersionInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    version: str
+    aliases: list[str]
+    tags: dict[str, str]
+    run_id: str | None
+    source: str
+    description: str = ""
+
+
+class Promotion(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    version: str
+    previous: str | None
+    promoted: bool
+    reason: str
+
+
+def client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def experiment_id(tracking_uri: str, name: str, artifact_root: Path) -> str:
+    mlflow_client = client(tracking_uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_root.mkdir(parents=True, exist_ok=True)
+    return mlflow_client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+
+
+def _info(version) -> VersionInfo:
+    return VersionInfo(
+        name=version.name, version=str(version.version), aliases=list(getattr(version, "aliases", []) or []),
+        tags=dict(version.tags or {}), run_id=version.run_id, source=version.source,
+        description=version.description or "",
+    )
+
+
+def get_version(tracking_uri: str, name: str, ref: str) -> VersionInfo:
+    """A version by number ('3'), alias ('champion') or 'v3'."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(tracking_uri)
+    ref = ref[1:] if ref.startswith("v") and ref[1:].isdigit() else ref
+    try:
+        if ref.isdigit():
+            return _info(mlflow_client.get_model_version(name, ref))
+        return _info(mlflow_client.get_model_version_by_alias(name, ref))
+    except MlflowException as error:
+        raise RegistryError(f"registered model {name!r} has no version or alias {ref!r}") from error
+
+
+def find_version(tracking_uri: str, name: str, ref: str) -> VersionInfo | None:
+    try:
+        return get_version(tracking_uri, name, ref)
+    except RegistryError:
+        return None
+
+
+def list_versions(tracking_uri: str, name: str) -> list[VersionInfo]:
+    mlflow_client = client(tracking_uri)
+    found = mlflow_client.search_model_versions(f"name = '{name}'")
+    return sorted((_info(v) for v in found), key=lambda v: int(v.version))
+
+
+def find_round_version(tracking_uri: str, name: str, round_number: int) -> VersionInfo | None:
+    """The version a round already registered, so a re-run never registers a second one."""
+    for info in list_versions(tracking_uri, name):
+        if info.tags.get(f"{TAG}round") == str(round_number):
+            return info
+    return None
+
+
+def register_model_dir(
+    tracking_uri: str,
+    name: str,
+    model_dir: Path,
+    run_id: str,
+    *,
+    tags: dict[str, str],
+    description: str,
+    aliases: tuple[str, ...] = (),
+) -> VersionInfo:
+    """Log the model folder as the run's ``model`` artifact and register it as a new version."""
+    mlflow_client = client(tracking_uri)
+    try:
+        mlflow_client.get_registered_model(name)
+    except Exception:  # MlflowException(RESOURCE_DOES_NOT_EXIST): first registration of this name
+        mlflow_client.create_registered_model(name, description="Policy trained by the flywheel, round by round.")
+    mlflow_client.log_artifacts(run_id, str(model_dir), artifact_path="model")
+    run = mlflow_client.get_run(run_id)
+    version = mlflow_client.create_model_version(
+        name, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags, description=description
+    )
+    for alias in aliases:
+        mlflow_client.set_registered_model_alias(name, alias, version.version)
+    return get_version(tracking_uri, name, str(version.version))
+
+
+def materialize(tracking_uri: str, info: VersionInfo, store: Path) -> Path:
+    """A registered version's weights as a verified local folder (downloaded once into the model store)."""
+    from flywheel.models import METADATA_FILE, ModelError, check_model_dir, model_sha256, verify_model, write_metadata
+
+    target = Path(store) / info.name / f"v{info.version}"
+    expected = info.tags.get(f"{TAG}model_sha256")
+    if (target / METADATA_FILE).is_file():
+        ref = verify_model(target)
+        if expected and ref.sha256 != expected:
+            raise ModelError(f"{target}: sha256 {ref.sha256[:12]} differs from registered {expected[:12]}")
+        return target
+    import mlflow.artifacts
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".v{info.version}."))
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(staging), tracking_uri=tracking_uri)
+        downloaded = staging / "model" if (staging / "model").is_dir() else staging
+        check_model_dir(downloaded)
+        actual = model_sha256(downloaded)
+        if expected and actual != expected:
+            raise ModelError(f"version {info.version}: downloaded sha256 {actual[:12]} != registered {expected[:12]}")
+        write_metadata(downloaded, source=f"models:/{info.name}/{info.version}")
+        if target.exists():
+            shutil.rmtree(target)
+        downloaded.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def set_champion(tracking_uri: str, name: str, version: str, *, reason: str, actor: str) -> Promotion:
+    """Move ``champion`` to ``version``, remembering the one it replaces so rollback is one step."""
+    mlflow_client = client(tracking_uri)
+    target = get_version(tracking_uri, name, version)
+    current = find_version(tracking_uri, name, CHAMPION)
+    if current is not None and current.version == target.version:
+        return Promotion(name=name, version=target.version, previous=current.version, promoted=False,
+                         reason=f"version {target.version} is already the champion")
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if current is not None:
+        mlflow_client.set_model_version_tag(name, target.version, f"{TAG}promoted_over", current.version)
+    mlflow_client.set_model_version_tag(name, target.version, f"{TAG}promoted_at", now)
+    mlflow_client.set_model_version_tag(name, target.version, f"{TAG}promoted_by", actor)
+    mlflow_client.set_model_version_tag(name, target.version, f"{TAG}promotion_reason", reason)
+    mlflow_client.set_registered_model_alias(name, CHAMPION, target.version)
+    return Promotion(name=name, version=target.version, previous=current.version if current else None,
+                     promoted=True, reason=reason)
+
+
+def rollback(tracking_uri: str, name: str, *, reason: str, actor: str) -> Promotion:
+    """Move ``champion`` back to the version it replaced; the demoted version keeps its data and a record why."""
+    mlflow_client = client(tracking_uri)
+    current = get_version(tracking_uri, name, CHAMPION)
+    previous = current.tags.get(f"{TAG}promoted_over")
+    if not previous:
+        raise RegistryError(f"champion version {current.version} replaced no earlier champion: nothing to roll back to")
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    mlflow_client.set_model_version_tag(name, current.version, f"{TAG}rolled_back_at", now)
+    mlflow_client.set_model_version_tag(name, current.version, f"{TAG}rolled_back_by", actor)
+    mlflow_client.set_model_version_tag(name, current.version, f"{TAG}rollback_reason", reason)
+    mlflow_client.set_registered_model_alias(name, CHAMPION, previous)
+    return Promotion(name=name, version=previous, previous=current.version, promoted=True,
+                     reason=f"rollback: {reason}")

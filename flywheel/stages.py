@@ -1,0 +1,488 @@
+"""One round's stages as plain functions: each takes the previous stage's typed value and the config it needs,
+does its I/O under the round's folders, and returns its own typed value. ``tasks/`` wraps each one as a Prefect
+task and ``flows/round.py`` composes them; nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from flywheel import registry
+from flywheel.config import FlywheelConfig
+from flywheel.dataset import DatasetManifest, build_pairs, build_sft, read_table, write_json, write_parquet
+from flywheel.evaluation import Evaluation
+from flywheel.models import ModelError, atomic_write_text, provision_base
+from flywheel.quality import QualityReport
+from flywheel.review import ReviewDecision
+from flywheel.training import TrainedModel
+from flywheel.versioning import DatasetVersion
+from flywheel.workspace import Workspace
+
+Progress = Callable[[int], None]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Champion(Frozen):
+    version: str
+    path: str
+    sha256: str
+
+
+class RoundContext(Frozen):
+    number: int
+    name: str
+    data_dir: str
+    work_dir: str
+    run_id: str
+    config_hash: str
+    champion: Champion
+
+
+class PromptSplit(Frozen):
+    train_path: str
+    eval_path: str
+    train: int
+    eval: int
+    round_prompts: int
+
+
+class Generations(Frozen):
+    path: str
+    prompts: int
+    samples: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+
+
+class JudgedSamples(Frozen):
+    path: str
+    rows: int
+    pass_rate: float
+    mean_score: float
+
+
+class RoundData(Frozen):
+    samples_path: str
+    pairs_path: str
+    sft_path: str
+    samples: int
+    pairs: int
+    sft: int
+
+
+class QualityResult(Frozen):
+    report: QualityReport
+    quarantine_path: str
+    clean: RoundData
+    quarantined: int
+
+
+class Registration(Frozen):
+    version: str
+    aliases: list[str]
+    run_id: str
+
+
+class RoundRecord(Frozen):
+    """The round's manifest: written last, so its presence means the round finished."""
+
+    round: int
+    name: str
+    status: Literal["completed", "rejected"]
+    config_hash: str
+    parent_version: str
+    run_id: str
+    prompts: PromptSplit
+    generations: Generations
+    judged: JudgedSamples
+    quality: QualityResult
+    review: ReviewDecision
+    dataset: DatasetVersion | None
+    trained: TrainedModel | None
+    evaluation: Evaluation | None
+    registration: Registration | None
+    promotion: registry.Promotion | None
+
+
+# --- workspace and champion -------------------------------------------------------------------------------------
+
+def prepare_workspace(config: FlywheelConfig, workspace: Workspace) -> Workspace:
+    from flywheel.versioning import ensure_repository
+
+    ensure_repository(workspace.root, workspace.dvc_remote)
+    for folder in (workspace.models, workspace.records, workspace.rounds_data):
+        folder.mkdir(parents=True, exist_ok=True)
+    return workspace
+
+
+def resolve_champion(config: FlywheelConfig, workspace: Workspace) -> Champion:
+    """The model the round starts from: whatever ``champion`` points at; on first use the base becomes version 1."""
+    name = config.model.registered_name
+    uri = workspace.tracking_uri
+    current = registry.find_version(uri, name, registry.CHAMPION)
+    if current is None:
+        if registry.list_versions(uri, name):
+            raise ModelError(f"registered model {name!r} has versions but no {registry.CHAMPION!r} alias: "
+                             f"set one with `flywheel promote VERSION`")
+        base = provision_base(config.model.base, workspace.models, base_dir=workspace.root)
+        experiment = registry.experiment_id(uri, f"flywheel/{name}", workspace.mlflow_artifacts)
+        mlflow_client = registry.client(uri)
+        run = mlflow_client.create_run(experiment, run_name="base-model", tags={f"{registry.TAG}kind": "base"})
+        tags = {
+            f"{registry.TAG}round": "0",
+            f"{registry.TAG}model_sha256": base.sha256,
+            f"{registry.TAG}source": base.source,
+        }
+        current = registry.register_model_dir(
+            uri, name, Path(base.path), run.info.run_id, tags=tags, aliases=(registry.CHAMPION,),
+            description=f"Base policy {base.source} (sha256 {base.sha256[:12]}), registered on first use.",
+        )
+        mlflow_client.set_terminated(run.info.run_id)
+    path = registry.materialize(uri, current, workspace.models)
+    return Champion(version=current.version, path=str(path), sha256=current.tags.get(f"{registry.TAG}model_sha256", ""))
+
+
+def next_round_number(workspace: Workspace) -> int:
+    """One past the last finished round: an unfinished round is resumed under its own number."""
+    finished = [int(p.stem.rsplit("-", 1)[-1]) for p in workspace.records.glob(f"{workspace.tag_prefix}*.json")]
+    return max(finished, default=0) + 1
+
+
+def open_round(config: FlywheelConfig, workspace: Workspace, champion: Champion, number: int) -> RoundContext:
+    """Create the round's folders and its MLflow run (reused when resuming the same round)."""
+    name = workspace.round_name(number)
+    uri = workspace.tracking_uri
+    experiment = registry.experiment_id(uri, f"flywheel/{config.model.registered_name}", workspace.mlflow_artifacts)
+    mlflow_client = registry.client(uri)
+    existing = mlflow_client.search_runs(
+        [experiment], filter_string=f"tags.`{registry.TAG}round` = '{number}' and attributes.status = 'RUNNING'"
+    )
+    if existing:
+        run_id = existing[0].info.run_id
+    else:
+        run = mlflow_client.create_run(experiment, run_name=name, tags={
+            f"{registry.TAG}round": str(number),
+            f"{registry.TAG}config_hash": config.config_hash(),
+            f"{registry.TAG}parent_version": champion.version,
+            f"{registry.TAG}recipe": config.name,
+        })
+        run_id = run.info.run_id
+        _log_params(mlflow_client, run_id, config)
+    data_dir, work_dir = workspace.round_data(number), workspace.round_state(number)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return RoundContext(number=number, name=name, data_dir=str(data_dir), work_dir=str(work_dir), run_id=run_id,
+                        config_hash=config.config_hash(), champion=champion)
+
+
+def _log_params(mlflow_client, run_id: str, config: FlywheelConfig) -> None:
+    from mlflow.entities import Param
+
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
+
+    walk("", config.model_dump(mode="json"))
+    mlflow_client.log_batch(run_id, params=[Param(k, v[:500]) for k, v in sorted(flat.items())])
+
+
+def log_metrics(workspace: Workspace, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    registry.client(workspace.tracking_uri).log_batch(run_id, metrics=items)
+
+
+# --- prompts, generation, feedback, data ------------------------------------------------------------------------
+
+def load_prompt_split(config: FlywheelConfig, workspace: Workspace, context: RoundContext) -> PromptSplit:
+    from flywheel.config import resolve
+    from flywheel.prompts import default_prompts, load_prompts, sample_round_prompts, save_prompts, split_prompts
+
+    if config.prompts.source == "builtin":
+        prompts = default_prompts(seed=config.prompts.seed)
+    else:
+        prompts = load_prompts(resolve(config.prompts.source, workspace.root))
+    train, held_out = split_prompts(prompts, config.prompts.eval_fraction, seed=config.prompts.seed)
+    chosen = sample_round_prompts(train, config.prompts.per_round, context.number, seed=config.prompts.seed)
+    held_out = held_out[: config.prompts.eval_limit]
+    data_dir = Path(context.data_dir)
+    save_prompts(chosen, data_dir / "prompts.jsonl")
+    save_prompts(held_out, Path(context.work_dir) / "eval_prompts.jsonl")
+    return PromptSplit(train_path=str(data_dir / "prompts.jsonl"), eval_path=str(Path(context.work_dir) / "eval_prompts.jsonl"),
+                       train=len(train), eval=len(held_out), round_prompts=len(chosen))
+
+
+def generate_samples(config: FlywheelConfig, context: RoundContext, split: PromptSplit,
+                     progress: Progress | None = None) -> Generations:
+    from flywheel.generation import SamplingParams, make_engine, user_request
+    from flywheel.models import resolve_device
+    from flywheel.prompts import load_prompts
+
+    prompts = load_prompts(Path(split.train_path))
+    gen = config.generation
+    engine = make_engine(gen.engine, Path(context.champion.path), resolve_device(gen.device), gen.batch_size)
+    params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                            seed=config.seed * 10_000 + context.number)
+    started = time.perf_counter()
+    completions = engine.generate([user_request(p.prompt) for p in prompts], gen.samples_per_prompt, params, progress)
+    seconds = time.perf_counter() - started
+    import pandas as pd
+
+    path = Path(context.work_dir) / "generations.parquet"
+    write_parquet(pd.DataFrame([c.model_dump() for c in completions]), path)
+    tokens = sum(c.n_tokens for c in completions)
+    return Generations(path=str(path), prompts=len(prompts), samples=len(completions), tokens=tokens,
+                       seconds=seconds, tokens_per_second=tokens / max(seconds, 1e-9))
+
+
+def judge_samples(config: FlywheelConfig, context: RoundContext, split: PromptSplit,
+                  generations: Generations) -> JudgedSamples:
+    from flywheel.feedback import judge_with_verifiers
+    from flywheel.generation import Completion
+    from flywheel.prompts import load_prompts
+
+    prompts = load_prompts(Path(split.train_path))
+    completions = [Completion(**row) for row in read_table(Path(generations.path)).to_dict(orient="records")]
+    judged = judge_with_verifiers(prompts, completions, strict=config.feedback.strict)
+    path = Path(context.work_dir) / "samples.parquet"
+    write_parquet(judged, path)
+    return JudgedSamples(path=str(path), rows=len(judged), pass_rate=float(judged["passed"].mean()),
+                         mean_score=float(judged["score"].mean()))
+
+
+def build_round_data(config: FlywheelConfig, context: RoundContext, judged: JudgedSamples) -> RoundData:
+    samples = read_table(Path(judged.path))
+    pairs, sft = build_pairs(samples, config.feedback), build_sft(samples, config.feedback)
+    work = Path(context.work_dir)
+    write_parquet(pairs, work / "pairs.parquet")
+    write_parquet(sft, work / "sft.parquet")
+    return RoundData(samples_path=judged.path, pairs_path=str(work / "pairs.parquet"),
+                     sft_path=str(work / "sft.parquet"), samples=len(samples), pairs=len(pairs), sft=len(sft))
+
+
+# --- gates ------------------------------------------------------------------------------------------------------
+
+def quality_gate(config: FlywheelConfig, workspace: Workspace, context: RoundContext, split: PromptSplit,
+                 data: RoundData) -> QualityResult:
+    """Validate every table; clean rows go to the round's dataset, failing rows to quarantine with the reason."""
+    import pandas as pd
+
+    from flywheel.prompts import load_prompts
+    from flywheel.quality import run_quality_gate
+
+    tables = {"samples": read_table(Path(data.samples_path)), "pairs": read_table(Path(data.pairs_path)),
+              "sft": read_table(Path(data.sft_path))}
+    eval_texts = [p.prompt for p in load_prompts(Path(split.eval_path))]
+    outcome = run_quality_gate(workspace.gx_root, tables, eval_prompts=eval_texts,
+                               min_chars=config.quality.min_chars, max_chars=config.quality.max_chars,
+                               max_failed_fraction=config.quality.max_failed_fraction)
+    data_dir = Path(context.data_dir)
+    paths = {name: data_dir / f"{name}.parquet" for name in tables}
+    for name, frame in outcome.clean.items():
+        write_parquet(frame, paths[name])
+    quarantine_path = data_dir / "quarantine.parquet"
+    write_parquet(outcome.quarantine if len(outcome.quarantine) else pd.DataFrame(
+        columns=["table", "row_id", "reasons", "row_json"]), quarantine_path)
+    write_json(outcome.report.model_dump(mode="json"), data_dir / "quality.json")
+    clean = RoundData(samples_path=str(paths["samples"]), pairs_path=str(paths["pairs"]), sft_path=str(paths["sft"]),
+                      samples=len(outcome.clean["samples"]), pairs=len(outcome.clean["pairs"]),
+                      sft=len(outcome.clean["sft"]))
+    return QualityResult(report=outcome.report, quarantine_path=str(quarantine_path), clean=clean,
+                         quarantined=len(outcome.quarantine))
+
+
+def training_table(config: FlywheelConfig) -> str:
+    return "pairs" if config.training.method == "dpo" else "sft"
+
+
+def apply_review(config: FlywheelConfig, context: RoundContext, quality: QualityResult,
+                 decision: ReviewDecision) -> ReviewDecision:
+    """Store the decision with the round and move rows the reviewer dropped to quarantine, with the reason."""
+    import pandas as pd
+
+    from flywheel.review import check_drop_ids
+
+    data_dir = Path(context.data_dir)
+    if decision.dropped_ids:
+        table_name = training_table(config)
+        path = Path(getattr(quality.clean, f"{table_name}_path"))
+        table = read_table(path)
+        check_drop_ids(decision.dropped_ids, set(table["row_id"]))
+        dropped = table[table["row_id"].isin(decision.dropped_ids)]
+        reason = f"dropped by reviewer {decision.reviewer}" + (f": {decision.notes}" if decision.notes else "")
+        quarantine = read_table(Path(quality.quarantine_path))
+        extra = pd.DataFrame({"table": table_name, "row_id": dropped["row_id"], "reasons": reason,
+                              "row_json": [json.dumps(r, default=str) for r in dropped.to_dict(orient="records")]})
+        write_parquet(pd.concat([quarantine, extra], ignore_index=True), Path(quality.quarantine_path))
+        write_parquet(table[~table["row_id"].isin(decision.dropped_ids)].reset_index(drop=True), path)
+    write_json(decision.model_dump(mode="json"), data_dir / "review.json")
+    return decision
+
+
+def write_dataset_manifest(config: FlywheelConfig, context: RoundContext, split: PromptSplit) -> DatasetManifest:
+    from flywheel.dataset import file_sha256
+
+    data_dir = Path(context.data_dir)
+    files = sorted(p for p in data_dir.iterdir() if p.is_file() and p.name != "dataset.json")
+    rows = {p.stem: len(read_table(p)) for p in files if p.suffix == ".parquet"}
+    manifest = DatasetManifest(round=context.number, files={p.name: file_sha256(p) for p in files}, rows=rows,
+                               config_hash=context.config_hash, parent_version=context.champion.version,
+                               prompts=split.round_prompts)
+    write_json(manifest.model_dump(mode="json"), data_dir / "dataset.json")
+    return manifest
+
+
+def version_round_dataset(workspace: Workspace, context: RoundContext) -> DatasetVersion:
+    from flywheel.versioning import version_dataset
+
+    message = f"flywheel: dataset of {context.name} (parent v{context.champion.version}, config {context.config_hash})"
+    return version_dataset(workspace.root, context.name, message)
+
+
+# --- train, evaluate, register, promote -------------------------------------------------------------------------
+
+def train_candidate(config: FlywheelConfig, workspace: Workspace, context: RoundContext, quality: QualityResult,
+                    dataset: DatasetVersion) -> TrainedModel:
+    from flywheel.training import train
+
+    table = read_table(Path(getattr(quality.clean, f"{training_table(config)}_path")))
+    output = workspace.models / config.model.registered_name / "rounds" / context.name
+    mlflow_client = registry.client(workspace.tracking_uri)
+
+    def sink(metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        mlflow_client.log_batch(context.run_id, metrics=[Metric(f"train.{k}", v, now, step) for k, v in metrics.items()])
+
+    return train(Path(context.champion.path), table.to_dict(orient="records"), config.training, output,
+                 seed=config.seed, metrics=sink,
+                 metadata={"round": context.number, "parent_version": context.champion.version,
+                           "dataset_md5": dataset.dvc_md5})
+
+
+def _greedy_eval(config: FlywheelConfig, model_dir: Path, split: PromptSplit, progress: Progress | None):
+    from flywheel.feedback import judge_with_verifiers
+    from flywheel.generation import SamplingParams, make_engine, user_request
+    from flywheel.models import resolve_device
+    from flywheel.prompts import load_prompts
+
+    prompts = load_prompts(Path(split.eval_path))
+    ev = config.evaluation
+    engine = make_engine(config.generation.engine, model_dir, resolve_device(config.generation.device), ev.batch_size)
+    completions = engine.generate([user_request(p.prompt) for p in prompts], 1,
+                                  SamplingParams(max_new_tokens=ev.max_new_tokens), progress)
+    return judge_with_verifiers(prompts, completions, strict=ev.strict)
+
+
+def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: RoundContext, split: PromptSplit,
+                       trained: TrainedModel, progress: Progress | None = None) -> Evaluation:
+    """Both models answer the held-out prompts greedily; the champion's answers are cached per version."""
+    import hashlib
+
+    from flywheel.evaluation import compare
+
+    eval_key = hashlib.sha256(Path(split.eval_path).read_bytes() + config.evaluation.model_dump_json().encode())
+    cache = workspace.state / "evals" / f"{config.model.registered_name}-v{context.champion.version}-" \
+                                        f"{eval_key.hexdigest()[:12]}.parquet"
+    if cache.is_file():
+        champion = read_table(cache)
+    else:
+        champion = _greedy_eval(config, Path(context.champion.path), split, progress)
+        write_parquet(champion, cache)
+    candidate = _greedy_eval(config, Path(trained.path), split, progress)
+    work = Path(context.work_dir)
+    write_parquet(candidate, work / "eval_candidate.parquet")
+    write_parquet(champion, work / "eval_champion.parquet")
+    evaluation = compare(candidate, champion)
+    log_metrics(workspace, context.run_id, evaluation.metrics())
+    return evaluation
+
+
+def describe_version(context: RoundContext, data: RoundData, evaluation: Evaluation) -> str:
+    cand, champ = evaluation.candidate, evaluation.champion
+    changes = [f"{kind} {champ.per_type.get(kind, 0):.2f}->{value:.2f}" for kind, value in cand.per_type.items()
+               if abs(value - champ.per_type.get(kind, 0)) >= 1e-9]
+    return (f"Trained in {context.name} from version {context.champion.version} on {data.pairs} pairs / {data.sft} SFT "
+            f"rows. Held-out prompt accuracy {champ.prompt_accuracy:.3f} -> {cand.prompt_accuracy:.3f}, "
+            f"win rate vs champion {evaluation.win_rate:.3f}. Per type: {', '.join(changes) or 'unchanged'}.")
+
+
+def register_candidate(config: FlywheelConfig, workspace: Workspace, context: RoundContext, quality: QualityResult,
+                       dataset: DatasetVersion, trained: TrainedModel, evaluation: Evaluation,
+                       decision: ReviewDecision) -> Registration:
+    name, uri = config.model.registered_name, workspace.tracking_uri
+    existing = registry.find_round_version(uri, name, context.number)
+    if existing is None:
+        tags = {
+            f"{registry.TAG}round": str(context.number),
+            f"{registry.TAG}round_tag": dataset.tag,
+            f"{registry.TAG}dataset_md5": dataset.dvc_md5,
+            f"{registry.TAG}git_commit": dataset.commit,
+            f"{registry.TAG}config_hash": context.config_hash,
+            f"{registry.TAG}parent_version": context.champion.version,
+            f"{registry.TAG}model_sha256": trained.sha256,
+            f"{registry.TAG}review": f"{'approved' if decision.approved else 'rejected'} by {decision.reviewer}",
+            f"{registry.TAG}train_loss": f"{trained.train_loss:.6f}",
+            **{f"{registry.TAG}{k}": f"{v:.6f}" for k, v in evaluation.metrics().items() if "type." not in k},
+        }
+        existing = registry.register_model_dir(
+            uri, name, Path(trained.path), context.run_id, tags=tags, aliases=(registry.CANDIDATE,),
+            description=describe_version(context, quality.clean, evaluation),
+        )
+        mlflow_client = registry.client(uri)
+        for key in ("round_tag", "dataset_md5", "git_commit"):
+            mlflow_client.set_tag(context.run_id, f"{registry.TAG}{key}", tags[f"{registry.TAG}{key}"])
+    return Registration(version=existing.version, aliases=existing.aliases, run_id=context.run_id)
+
+
+def decide_promotion(config: FlywheelConfig, workspace: Workspace, registration: Registration,
+                     evaluation: Evaluation) -> registry.Promotion:
+    name = config.model.registered_name
+    if config.promotion.mode == "manual":
+        return registry.Promotion(name=name, version=registration.version, previous=None, promoted=False,
+                                  reason=f"promotion.mode is manual: run `flywheel promote {registration.version}`")
+    if evaluation.accuracy_gain > config.promotion.min_gain:
+        return registry.set_champion(
+            workspace.tracking_uri, name, registration.version, actor="policy:auto",
+            reason=f"accuracy gain {evaluation.accuracy_gain:+.3f} > min_gain {config.promotion.min_gain}",
+        )
+    return registry.Promotion(name=name, version=registration.version, previous=None, promoted=False,
+                              reason=f"accuracy gain {evaluation.accuracy_gain:+.3f} <= min_gain "
+                                     f"{config.promotion.min_gain}: champion unchanged")
+
+
+def write_round_record(workspace: Workspace, record: RoundRecord) -> Path:
+    path = workspace.records / f"{record.name}.json"
+    atomic_write_text(path, record.model_dump_json(indent=2))
+    return path
+
+
+def read_round_records(workspace: Workspace) -> list[RoundRecord]:
+    records = [RoundRecord.model_validate_json(p.read_text()) for p in workspace.records.glob("*.json")]
+    return sorted(records, key=lambda r: r.round)
+
+
+def close_round(workspace: Workspace, context: RoundContext, record: RoundRecord) -> Path:
+    mlflow_client = registry.client(workspace.tracking_uri)
+    path = write_round_record(workspace, record)
+    mlflow_client.log_artifact(context.run_id, str(path))
+    mlflow_client.set_terminated(context.run_id)
+    return path

@@ -1,0 +1,166 @@
+"""Fine-tuning with TRL: DPO on preference pairs or SFT on accepted samples, full or LoRA, CPU or GPU."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from flywheel.config import TrainingConfig
+from flywheel.models import resolve_device, save_model
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class TrainedModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    sha256: str
+    method: str
+    rows: int
+    rows_used: int  # after the trainer drops rows whose prompt alone exceeds max_length
+    steps: int
+    train_loss: float
+    seconds: float
+    device: str
+    precision: str
+    changed_parameters: float  # share of parameter tensors whose values moved
+
+
+MetricSink = Callable[[dict[str, float], int], None]
+
+
+def _precision(config: TrainingConfig, device: str) -> str:
+    if config.precision != "auto":
+        if config.precision == "bf16" and device == "cpu":
+            # bf16 autocast on this project's CPUs is refused or slower than fp32; make the user choose knowingly.
+            raise TrainingError("training.precision 'bf16' is not supported on CPU here; use 'fp32' or 'auto'")
+        return config.precision
+    import torch
+
+    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _metrics_callback(sink: MetricSink):
+    from transformers import TrainerCallback
+
+    class StepMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            if numeric:
+                sink(numeric, state.global_step)
+
+    return StepMetrics()
+
+
+def train(
+    base_dir: Path,
+    rows: list[dict],
+    config: TrainingConfig,
+    output_dir: Path,
+    *,
+    seed: int = 0,
+    metrics: MetricSink | None = None,
+    metadata: dict | None = None,
+) -> TrainedModel:
+    """Fine-tune the model in ``base_dir`` on ``rows`` and save the full (merged) model to ``output_dir``.
+
+    DPO rows have ``prompt``, ``chosen``, ``rejected``; SFT rows have ``prompt``, ``completion``.
+    """
+    import torch
+    from datasets import Dataset
+
+    from flywheel.models import load_model, load_tokenizer
+
+    if not rows:
+        raise TrainingError(f"no training rows for method {config.method!r}: nothing to learn from this round")
+    device = resolve_device(config.device)
+    precision = _precision(config, device)
+    tokenizer = load_tokenizer(base_dir)
+    model = load_model(base_dir, device="cpu", dtype="float32")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    dataset = Dataset.from_list([_conversational(row, config.method) for row in rows])
+    common = dict(
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_length=config.max_length,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        bf16=precision == "bf16",
+        use_cpu=device == "cpu",
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+    peft_config = None
+    if config.lora.enabled:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+            target_modules="all-linear", task_type="CAUSAL_LM",
+        )
+    callbacks = [_metrics_callback(metrics)] if metrics else []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="flywheel-train-") as scratch:
+        if config.method == "dpo":
+            from trl import DPOConfig, DPOTrainer
+
+            args = DPOConfig(output_dir=scratch, beta=config.beta, **common)
+            trainer = DPOTrainer(
+                model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                peft_config=peft_config, callbacks=callbacks,
+            )
+        else:
+            from trl import SFTConfig, SFTTrainer
+
+            args = SFTConfig(output_dir=scratch, **common)
+            trainer = SFTTrainer(
+                model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                peft_config=peft_config, callbacks=callbacks,
+            )
+        usable = len(trainer.train_dataset)
+        if usable == 0:
+            raise TrainingError(
+                f"all {len(rows)} training rows were longer than training.max_length={config.max_length} tokens "
+                "and were dropped: raise max_length or shorten prompts"
+            )
+        result = trainer.train()
+    seconds = time.perf_counter() - started
+    trained = trainer.model
+    if config.lora.enabled:
+        trained = trained.merge_and_unload()
+    trained = trained.to("cpu").to(torch.float32)
+    after = dict(trained.named_parameters())
+    moved = sum(1 for name, p in before.items() if name in after and not torch.equal(p, after[name].detach()))
+    changed = moved / max(1, len(before))
+    if moved == 0:
+        raise TrainingError("training finished but no parameter changed: check learning_rate and the data")
+    ref = save_model(trained, tokenizer, output_dir, source=f"trained:{config.method}", **(metadata or {}))
+    return TrainedModel(
+        path=ref.path, sha256=ref.sha256, method=config.method, rows=len(rows), rows_used=usable, steps=result.global_step,
+        train_loss=float(result.training_loss), seconds=seconds, device=device, precision=precision,
+        changed_parameters=changed,
+    )
+
+
+def _conversational(row: dict, method: str) -> dict:
+    prompt = [{"role": "user", "content": row["prompt"]}]
+    if method == "dpo":
+        return {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}],
+        }
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": row["completion"]}]}

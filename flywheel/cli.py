@@ -49,8 +49,24 @@ def run(config: ConfigOption = None, workspace: WorkspaceOption = None,
     cfg, ws = _setup(config, workspace)
     from flows.flywheel import flywheel
 
-    records = flywheel(cfg, rounds=rounds, workspace=str(ws.root))
+    try:
+        records = flywheel(cfg, rounds=rounds, workspace=str(ws.root))
+    except _user_errors() as error:
+        # The Prefect run is marked failed with the full traceback; the terminal gets the one line that matters.
+        _fail(f"{type(error).__name__}: {error}")
     _print_summary(records)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Failures a user can act on: bad input or an unmet gate, not a bug in the flywheel."""
+    from flywheel.models import ModelError
+    from flywheel.prompts import PromptFileError
+    from flywheel.quality import QualityGateError
+    from flywheel.registry import RegistryError
+    from flywheel.training import TrainingError
+    from flywheel.versioning import VersioningError
+
+    return (ConfigError, ModelError, PromptFileError, QualityGateError, RegistryError, TrainingError, VersioningError)
 
 
 def summary_rows(record) -> dict[str, str]:
@@ -169,8 +185,8 @@ def review(config: ConfigOption = None, workspace: WorkspaceOption = None,
            notes: Annotated[str, typer.Option(help="Why.")] = "",
            drop: Annotated[Optional[list[str]], typer.Option(help="Row id to drop (repeatable).")] = None) -> None:
     """List rounds paused for review with their sample; with --approve or --reject, resume one."""
-    _setup(config, workspace)
-    from flywheel.prefect_review import paused_rounds, resume_round, review_page
+    _, ws = _setup(config, workspace)
+    from flywheel.prefect_review import paused_round_name, paused_rounds, resume_round, review_page
 
     paused = paused_rounds()
     if not paused:
@@ -186,11 +202,21 @@ def review(config: ConfigOption = None, workspace: WorkspaceOption = None,
         if len(paused) > 1:
             _fail("several rounds are paused: choose one with --run ID")
         run_id = str(paused[0].flow_run_id)
+    round_name = paused_round_name(run_id)
+    known = _round_row_ids(ws.rounds_data / round_name) if round_name else None
     try:
-        resume_round(run_id, approve=approve, reviewer=reviewer, notes=notes, drop_row_ids=drop or [])
+        resume_round(run_id, approve=approve, reviewer=reviewer, notes=notes, drop_row_ids=drop or [],
+                     known_row_ids=known)
     except ValueError as error:
         _fail(str(error))
     typer.echo(f"{'approved' if approve else 'rejected'} flow run {run_id}")
+
+
+def _round_row_ids(data_dir: Path) -> set[str]:
+    from flywheel.dataset import read_table
+
+    return {str(i) for name in ("pairs", "sft") if (data_dir / f"{name}.parquet").is_file()
+            for i in read_table(data_dir / f"{name}.parquet")["row_id"]}
 
 
 @app.command()

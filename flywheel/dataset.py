@@ -82,8 +82,13 @@ def write_parquet(frame, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        # A failed write must not leave a stray file in a folder DVC versions and the manifest lists.
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return file_sha256(path)
 
 

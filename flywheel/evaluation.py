@@ -62,7 +62,8 @@ def summarize(judged) -> ModelScores:
 
 def compare(candidate_judged, champion_judged) -> Evaluation:
     merged = candidate_judged.merge(champion_judged, on="prompt_id", suffixes=("_cand", "_champ"))
-    if len(merged) != len(candidate_judged):
+    # Both directions: a champion with extra prompts would skew its accuracy and so the gain.
+    if len(merged) != len(candidate_judged) or len(merged) != len(champion_judged):
         raise ValueError("candidate and champion were not evaluated on the same prompts")
     wins = (merged["score_cand"] > merged["score_champ"]).sum()
     ties = (merged["score_cand"] == merged["score_champ"]).sum()

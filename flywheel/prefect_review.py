@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 ROUND_FLOW = "flywheel-round"
+REVIEW_ARTIFACT_PREFIX = "review-"
 
 
 class PausedRound(BaseModel):
@@ -34,8 +35,7 @@ def paused_rounds() -> list[PausedRound]:
             for r in runs]
 
 
-def review_page(flow_run_id: str) -> str | None:
-    """The markdown sample the round published for its reviewers."""
+def _review_artifacts(flow_run_id: str) -> list:
     from uuid import UUID
 
     from prefect import get_client
@@ -45,20 +45,36 @@ def review_page(flow_run_id: str) -> str | None:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]), type=ArtifactFilterType(any_=["markdown"]),
         ))
-    pages = [a.data for a in artifacts if a.key and a.key.startswith("review-")]
-    return pages[-1] if pages else None
+    return [a for a in artifacts if a.key and a.key.startswith(REVIEW_ARTIFACT_PREFIX)]
+
+
+def review_page(flow_run_id: str) -> str | None:
+    """The markdown sample the round published for its reviewers."""
+    pages = _review_artifacts(flow_run_id)
+    return pages[-1].data if pages else None
+
+
+def paused_round_name(flow_run_id: str) -> str | None:
+    """Which round (e.g. 'round-0001') a paused run is reviewing, from the key of the sample it published."""
+    pages = _review_artifacts(flow_run_id)
+    return pages[-1].key[len(REVIEW_ARTIFACT_PREFIX):] if pages else None
 
 
 def resume_round(flow_run_id: str, *, approve: bool, reviewer: str, notes: str = "",
-                 drop_row_ids: list[str] | None = None) -> None:
+                 drop_row_ids: list[str] | None = None, known_row_ids: set[str] | None = None) -> None:
+    """Submit the reviewer's decision; bad input is refused here, while the run is still paused."""
     from uuid import UUID
 
     from prefect.flow_runs import resume_flow_run
+
+    from flywheel.review import check_drop_ids
 
     if not reviewer.strip():
         raise ValueError("a review needs a reviewer name")
     if flow_run_id not in {p.flow_run_id for p in paused_rounds()}:
         raise ValueError(f"flow run {flow_run_id} is not a round waiting for review")
+    if drop_row_ids and known_row_ids is not None:
+        check_drop_ids(list(drop_row_ids), known_row_ids)
     resume_flow_run(UUID(flow_run_id), run_input={
         "approve": approve, "reviewer": reviewer, "notes": notes, "drop_row_ids": list(drop_row_ids or []),
     })

@@ -89,7 +89,14 @@ def find_version(tracking_uri: str, name: str, ref: str) -> VersionInfo | None:
 def list_versions(tracking_uri: str, name: str) -> list[VersionInfo]:
     mlflow_client = client(tracking_uri)
     found = mlflow_client.search_model_versions(f"name = '{name}'")
-    return sorted((_info(v) for v in found), key=lambda v: int(v.version))
+    if not found:
+        return []
+    # search_model_versions leaves every version's aliases empty; the registered model holds them.
+    aliases: dict[str, list[str]] = {}
+    for alias, version in sorted((mlflow_client.get_registered_model(name).aliases or {}).items()):
+        aliases.setdefault(str(version), []).append(alias)
+    infos = (_info(v).model_copy(update={"aliases": aliases.get(str(v.version), [])}) for v in found)
+    return sorted(infos, key=lambda v: int(v.version))
 
 
 def find_round_version(tracking_uri: str, name: str, round_number: int) -> VersionInfo | None:

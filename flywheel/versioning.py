@@ -79,7 +79,7 @@ def version_dataset(root: Path, tag: str, message: str) -> DatasetVersion:
     existing = tag_commit(root, tag)
     repo = Repo(str(root))
     try:
-        repo.add("data")
+        repo.add(str(root / "data"))  # absolute: DVC resolves a relative path against the cwd, not the repo
         md5 = dvc_md5(root)
         if existing is not None:
             if dvc_md5(root, tag) != md5:

@@ -9,6 +9,7 @@ from pydantic import Field
 from flywheel import stages
 from flywheel.config import FlywheelConfig
 from flywheel.dataset import read_table
+from flywheel.prefect_review import REVIEW_ARTIFACT_PREFIX
 from flywheel.review import ReviewDecision, auto_decision, review_markdown, review_sample
 
 REVIEW_KEY = "flywheel-review"
@@ -36,7 +37,7 @@ def publish_review_sample(config: FlywheelConfig, context: stages.RoundContext, 
         "failed share": f"{quality.report.failed_fraction:.3f}",
     }
     columns = ["chosen", "rejected"] if table_name == "pairs" else ["completion"]
-    create_markdown_artifact(review_markdown(context.name, stats, sample, columns), key=f"review-{context.name}",
+    create_markdown_artifact(review_markdown(context.name, stats, sample, columns), key=f"{REVIEW_ARTIFACT_PREFIX}{context.name}",
                              description=f"Spot-check sample of {context.name}")
     return [row["row_id"] for row in sample]
 

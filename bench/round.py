@@ -1,0 +1,92 @@
+"""Wall time of each stage of one flywheel round, as Prefect recorded it.
+
+Runs `flywheel run` on a recipe in a scratch workspace (never the checkout), then reads the task runs of that round
+from the workspace's Prefect database and prints a table, writes bench/out/round.json and bench/out/round.png.
+
+    .venv/bin/python bench/round.py [--config configs/default.yaml] [--workspace /tmp/flywheel-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_round(config: Path, workspace: Path) -> float:
+    env = dict(os.environ, PREFECT_HOME=str(workspace / ".flywheel" / "prefect"), FLYWHEEL_WORKSPACE=str(workspace))
+    env.pop("PREFECT_API_URL", None)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "flywheel.cli", "run", "--config", str(config), "--workspace",
+                    str(workspace)], check=True, env=env, cwd=workspace)
+    return time.perf_counter() - started
+
+
+def stage_times(workspace: Path) -> tuple[list[tuple[str, float]], float]:
+    os.environ["PREFECT_HOME"] = str(workspace / ".flywheel" / "prefect")
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["flywheel-round"])),
+                                     sort=FlowRunSort.START_TIME_DESC, limit=1)
+        if not runs:
+            raise SystemExit("no flywheel-round run found in the workspace's Prefect database")
+        flow_run = runs[0]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    stages = sorted(((t.name.rsplit("-", 1)[0], t.start_time, t.end_time) for t in tasks if t.start_time and t.end_time),
+                    key=lambda item: item[1])
+    flow_seconds = (flow_run.end_time - flow_run.start_time).total_seconds()
+    return [(name, (end - start).total_seconds()) for name, start, end in stages], flow_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
+    parser.add_argument("--workspace", type=Path, default=Path("/tmp/flywheel-bench-round"))
+    parser.add_argument("--keep", action="store_true", help="reuse the workspace (the base model stays provisioned)")
+    args = parser.parse_args()
+    if args.workspace.resolve() == ROOT or ROOT in args.workspace.resolve().parents:
+        raise SystemExit("use a scratch workspace outside the project checkout")
+    if args.workspace.exists() and not args.keep:
+        shutil.rmtree(args.workspace)
+    args.workspace.mkdir(parents=True, exist_ok=True)
+
+    wall = run_round(args.config.resolve(), args.workspace)
+    stages, flow_seconds = stage_times(args.workspace)
+    accounted = sum(seconds for _, seconds in stages)
+    print(f"\nround wall time (process): {wall:8.1f} s   flow run: {flow_seconds:8.1f} s")
+    print(f"{'stage':24} {'seconds':>9} {'share':>7}")
+    for name, seconds in stages:
+        print(f"{name:24} {seconds:9.1f} {seconds / flow_seconds:7.1%}")
+    print(f"{'(between tasks)':24} {flow_seconds - accounted:9.1f} {(flow_seconds - accounted) / flow_seconds:7.1%}")
+
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"config": str(args.config), "process_seconds": wall, "flow_seconds": flow_seconds,
+              "stages": [{"stage": n, "seconds": s} for n, s in stages]}
+    (out / "round.json").write_text(json.dumps(report, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(stages) + 1.5))
+    ax.barh([n for n, _ in stages][::-1], [s for _, s in stages][::-1], color="#4472c4")
+    ax.set_xlabel("seconds")
+    ax.set_title(f"flywheel round stages ({args.config.name}), flow {flow_seconds:.0f} s")
+    fig.tight_layout()
+    fig.savefig(out / "round.png", dpi=120)
+    print(f"wrote {out / 'round.json'} and {out / 'round.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""A whole round on a tiny model through the CLI: every stage real (Prefect, GX, DVC, git, TRL, MLflow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from cli import run_cli
+from helpers import tiny_recipe, write_recipe
+
+from flywheel import registry
+from flywheel.dataset import read_table
+from flywheel.versioning import dvc_md5, git, tag_commit
+
+
+@pytest.fixture(scope="module")
+def finished_round(tiny_model_dir, tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("ws")
+    recipe = write_recipe(workspace / "recipe.yaml",
+                          tiny_recipe(tiny_model_dir, promotion__mode="manual"))
+    result = run_cli(workspace, "run", "--config", str(recipe), "--workspace", str(workspace))
+    return workspace, recipe, result
+
+
+def uri(workspace):
+    return f"sqlite:///{workspace / '.flywheel' / 'mlflow.db'}"
+
+
+def test_round_registers_candidate_with_lineage(finished_round):
+    workspace, _, result = finished_round
+    assert "round-0001" in result.stdout
+    champion = registry.get_version(uri(workspace), "tiny-policy", "champion")
+    candidate = registry.get_version(uri(workspace), "tiny-policy", "candidate")
+    assert champion.version == "1"  # manual promotion: the champion does not move by itself
+    assert candidate.version == "2"
+    tags = candidate.tags
+    assert tags["flywheel.round"] == "1"
+    assert tags["flywheel.parent_version"] == "1"
+    assert tags["flywheel.round_tag"] == "round-0001"
+    assert tags["flywheel.dataset_md5"] == dvc_md5(workspace, "round-0001")
+    assert tags["flywheel.git_commit"] == tag_commit(workspace, "round-0001")
+    assert len(tags["flywheel.config_hash"]) == 16
+    assert tags["flywheel.review"] == "approved by policy:auto"
+    assert "round-0001" in candidate.description
+
+
+def test_round_dataset_versioned_by_dvc_and_git(finished_round):
+    workspace, _, _ = finished_round
+    data = workspace / "data" / "rounds" / "round-0001"
+    for name in ("prompts.jsonl", "samples.parquet", "pairs.parquet", "sft.parquet", "quarantine.parquet",
+                 "quality.json", "review.json", "dataset.json"):
+        assert (data / name).is_file(), name
+    committed = set(git(workspace, "show", "--name-only", "--format=", "round-0001^{commit}").split())
+    assert "data.dvc" in committed and committed <= {"data.dvc", ".gitignore"}
+    remote_files = [p for p in (workspace / ".flywheel" / "dvc-remote").rglob("*") if p.is_file()]
+    assert len(remote_files) >= 8  # every dataset file was pushed
+    manifest = json.loads((data / "dataset.json").read_text())
+    assert manifest["rows"]["samples"] == len(read_table(data / "samples.parquet"))
+    assert manifest["parent_version"] == "1"
+
+
+def test_quality_result_and_review_decision_stored(finished_round):
+    workspace, _, _ = finished_round
+    data = workspace / "data" / "rounds" / "round-0001"
+    quality = json.loads((data / "quality.json").read_text())
+    assert {t["table"] for t in quality["tables"]} == {"samples", "pairs", "sft"}
+    stored = list((workspace / "great_expectations" / "uncommitted" / "validations").rglob("*.json"))
+    assert len(stored) >= 3
+    review = json.loads((data / "review.json").read_text())
+    assert review["approved"] is True and review["mode"] == "auto"
+    assert review["sample_ids"]
+
+
+def test_trained_weights_differ_from_parent(finished_round, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    workspace, _, _ = finished_round
+    parent = load_file(tiny_model_dir / "model.safetensors")
+    child = load_file(workspace / ".flywheel" / "models" / "tiny-policy" / "rounds" / "round-0001" / "model.safetensors")
+    assert parent.keys() == child.keys()
+    assert any(not parent[k].equal(child[k]) for k in parent)
+
+
+def test_round_record_and_mlflow_metrics(finished_round):
+    from mlflow import MlflowClient
+
+    workspace, _, _ = finished_round
+    record = json.loads((workspace / ".flywheel" / "rounds" / "round-0001.json").read_text())
+    assert record["status"] == "completed"
+    assert record["registration"]["version"] == "2"
+    client = MlflowClient(tracking_uri=uri(workspace))
+    history = client.get_metric_history(record["run_id"], "train.loss")
+    assert len(history) == record["trained"]["steps"] and len(history) >= 2
+    run = client.get_run(record["run_id"])
+    assert "eval.candidate.prompt_accuracy" in run.data.metrics
+    assert run.data.params["training.method"] == "dpo"
+
+
+def test_promote_then_next_round_starts_from_new_champion(finished_round):
+    workspace, recipe, _ = finished_round
+    out = run_cli(workspace, "promote", "2", "--config", str(recipe), "--reason", "test").stdout
+    assert "champion -> v2" in out
+    config = yaml.safe_load(recipe.read_text())
+    config["promotion"] = {"mode": "auto", "min_gain": -1.0}  # always promote, to exercise the policy path
+    write_recipe(recipe, config)
+    out = run_cli(workspace, "run", "--config", str(recipe)).stdout
+    assert "round-0002" in out
+    second = registry.get_version(uri(workspace), "tiny-policy", "3")
+    assert second.tags["flywheel.parent_version"] == "2"
+    assert registry.get_version(uri(workspace), "tiny-policy", "champion").version == "3"
+    assert tag_commit(workspace, "round-0002") is not None
+    # rollback is one command and returns to the version the champion replaced
+    run_cli(workspace, "rollback", "--config", str(recipe), "--reason", "regression seen")
+    assert registry.get_version(uri(workspace), "tiny-policy", "champion").version == "2"
+    status = run_cli(workspace, "status", "--config", str(recipe)).stdout
+    assert "champion   v2" in status and "round-0002" in status
+
+
+def test_export_writes_loadable_model(finished_round, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    workspace, recipe, _ = finished_round
+    run_cli(workspace, "export", "candidate", str(tmp_path / "out"), "--config", str(recipe))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.num_parameters() > 0

@@ -1,0 +1,104 @@
+import json
+
+import pandas as pd
+import pytest
+
+from flywheel.evaluation import compare, summarize
+
+
+def judged(*rows) -> pd.DataFrame:
+    """Rows of (prompt_id, checks dict, finished, n_tokens): one greedy answer per prompt, as evaluation sees it."""
+    records = []
+    for prompt_id, checks, finished, n_tokens in rows:
+        records.append({
+            "row_id": f"{prompt_id}-s0", "prompt_id": prompt_id, "prompt": f"text {prompt_id}", "sample_index": 0,
+            "response": "r", "n_tokens": n_tokens, "finished": finished,
+            "score": sum(checks.values()) / len(checks), "passed": all(checks.values()),
+            "checks": json.dumps(checks),
+        })
+    return pd.DataFrame(records)
+
+
+CANDIDATE = judged(
+    ("p1", {"all_lowercase": True, "no_commas": True}, True, 10),
+    ("p2", {"all_lowercase": False}, False, 20),
+    ("p3", {"no_commas": True, "title": False}, True, 30),
+    ("p4", {"title": True}, False, 40),
+)
+CHAMPION = judged(
+    ("p1", {"all_lowercase": True, "no_commas": False}, True, 12),  # candidate wins (1.0 > 0.5)
+    ("p2", {"all_lowercase": False}, True, 8),  # tie at 0
+    ("p3", {"no_commas": True, "title": True}, True, 6),  # candidate loses (0.5 < 1.0)
+    ("p4", {"title": False}, True, 4),  # candidate wins
+)
+
+
+def test_summarize_figures():
+    scores = summarize(CANDIDATE)
+    assert scores.prompts == 4
+    assert scores.prompt_accuracy == pytest.approx(2 / 4)  # p1 and p4 pass everything
+    assert scores.constraint_accuracy == pytest.approx(4 / 6)
+    assert scores.per_type == {"all_lowercase": 0.5, "no_commas": 1.0, "title": 0.5}
+    assert list(scores.per_type) == sorted(scores.per_type)
+    assert scores.truncated_share == pytest.approx(0.5)
+    assert scores.mean_tokens == pytest.approx(25.0)
+
+
+def test_summarize_champion_figures():
+    scores = summarize(CHAMPION)
+    assert scores.prompt_accuracy == pytest.approx(1 / 4)
+    assert scores.per_type == {"all_lowercase": 0.5, "no_commas": 0.5, "title": 0.5}
+    assert scores.truncated_share == 0.0
+    assert scores.mean_tokens == pytest.approx(7.5)
+
+
+def test_summarize_empty_raises():
+    with pytest.raises(ValueError, match="empty prompt set"):
+        summarize(CANDIDATE.iloc[:0])
+
+
+def test_compare_win_rate_counts_ties_half():
+    evaluation = compare(CANDIDATE, CHAMPION)
+    # wins p1, p4; tie p2; loss p3
+    assert evaluation.win_rate == pytest.approx((2 + 0.5) / 4)
+    assert evaluation.accuracy_gain == pytest.approx(0.5 - 0.25)
+    assert evaluation.candidate == summarize(CANDIDATE)
+    assert evaluation.champion == summarize(CHAMPION)
+    reverse = compare(CHAMPION, CANDIDATE)
+    assert reverse.win_rate == pytest.approx((1 + 0.5) / 4)
+    assert reverse.accuracy_gain == pytest.approx(-0.25)
+
+
+def test_compare_matches_prompts_by_id_not_position():
+    shuffled = CHAMPION.iloc[::-1].reset_index(drop=True)
+    assert compare(CANDIDATE, shuffled).win_rate == pytest.approx(2.5 / 4)
+
+
+def test_compare_with_itself_is_all_ties():
+    evaluation = compare(CANDIDATE, CANDIDATE)
+    assert evaluation.win_rate == 0.5 and evaluation.accuracy_gain == 0.0
+
+
+def test_metrics_are_flat_and_named():
+    metrics = compare(CANDIDATE, CHAMPION).metrics()
+    assert metrics["eval.win_rate"] == pytest.approx(0.625)
+    assert metrics["eval.accuracy_gain"] == pytest.approx(0.25)
+    assert metrics["eval.candidate.prompt_accuracy"] == pytest.approx(0.5)
+    assert metrics["eval.champion.truncated_share"] == 0.0
+    assert metrics["eval.candidate.type.no_commas"] == 1.0
+    assert metrics["eval.champion.type.no_commas"] == 0.5
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+@pytest.mark.parametrize(
+    "candidate,champion",
+    [
+        (CANDIDATE, CHAMPION.iloc[:3]),  # champion lacks a prompt
+        (CANDIDATE.iloc[:3], CHAMPION),  # champion answered an extra prompt
+        (CANDIDATE, CHAMPION.assign(prompt_id=["p1", "p2", "p3", "p9"])),  # same size, different prompts
+    ],
+    ids=["champion-missing", "champion-extra", "different-ids"],
+)
+def test_mismatched_prompt_sets_raise(candidate, champion):
+    with pytest.raises(ValueError, match="same prompts"):
+        compare(candidate, champion)

@@ -1,0 +1,167 @@
+from pathlib import Path
+
+import pytest
+
+from flywheel.generation import SamplingParams, TransformersEngine, _cut_at_eos, make_engine, user_request
+from flywheel.prompts import default_prompts
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine they contend badly
+    (one generate call measured 0.1 s on one thread, 3-6 s on two)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lively_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its layers re-drawn at a larger scale.
+
+    At the default init the tiny model's tied embeddings make greedy decoding repeat the prompt's last token
+    ("\\n") forever, so every greedy text is empty and a comparison of texts would prove nothing. With larger
+    layer weights the greedy continuation depends on the prompt.
+    """
+    import torch
+
+    from flywheel.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.normal_(0, 0.2)
+    target = tmp_path_factory.mktemp("models") / "lively"
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def engine(lively_model_dir) -> TransformersEngine:
+    return TransformersEngine(lively_model_dir, device="cpu", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def requests_():
+    # Prompts of different lengths, so the engine's length sort really reorders the work.
+    by_length = sorted((p.prompt for p in default_prompts()[:8]), key=len)
+    mixed = [text for pair in zip(by_length[:4], by_length[::-1][:4]) for text in pair]
+    return [user_request(text) for text in mixed]
+
+
+GREEDY = SamplingParams(max_new_tokens=MAX_NEW)
+SAMPLED = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, seed=3)
+
+
+def _texts(completions):
+    return [c.text for c in completions]
+
+
+def test_completions_come_back_in_request_then_sample_order(engine, requests_):
+    assert len({len(engine.encode(r)) for r in requests_}) > 1
+    completions = engine.generate(requests_[:5], 3, SAMPLED)
+    assert len(completions) == 15
+    assert [(c.request_index, c.sample_index) for c in completions] == [(i, s) for i in range(5) for s in range(3)]
+    for c in completions:
+        assert 0 <= c.n_tokens <= MAX_NEW
+        assert c.finished == (c.n_tokens < MAX_NEW)  # no EOS means it ran to the limit
+    # Several samples of one prompt are separate draws, not copies.
+    assert len(set(_texts(completions[:3]))) > 1
+
+
+def test_greedy_is_deterministic_and_independent_of_batching(engine, requests_):
+    engine.batch_size = 8
+    first = engine.generate(requests_, 1, GREEDY)
+    second = engine.generate(requests_, 1, GREEDY)
+    engine.batch_size = 1
+    try:
+        one_by_one = engine.generate(requests_, 1, GREEDY)
+    finally:
+        engine.batch_size = 8
+    texts = _texts(first)
+    assert len(set(texts)) == len(texts) and all(texts), "greedy texts should differ per prompt"
+    assert _texts(second) == texts
+    assert _texts(one_by_one) == texts
+    assert [c.n_tokens for c in one_by_one] == [c.n_tokens for c in first]
+    # Each batched answer belongs to its own request: the same as asking that request alone.
+    alone = engine.generate([requests_[5]], 1, GREEDY)
+    assert alone[0].request_index == 0 and alone[0].text == texts[5]
+
+
+def test_greedy_ignores_the_seed(engine, requests_):
+    a = engine.generate(requests_[:3], 1, SamplingParams(max_new_tokens=MAX_NEW, seed=1))
+    b = engine.generate(requests_[:3], 1, SamplingParams(max_new_tokens=MAX_NEW, seed=2))
+    assert _texts(a) == _texts(b)
+
+
+def test_sampling_is_reproducible_with_a_seed(engine, requests_):
+    first = engine.generate(requests_[:4], 4, SAMPLED)
+    again = engine.generate(requests_[:4], 4, SAMPLED)
+    other_seed = engine.generate(requests_[:4], 4, SAMPLED.model_copy(update={"seed": 4}))
+    greedy = engine.generate(requests_[:4], 1, GREEDY)
+    assert _texts(first) == _texts(again)
+    assert _texts(first) != _texts(other_seed)
+    assert [c.text for c in first if c.sample_index == 0] != _texts(greedy)
+
+
+def test_progress_counts_every_sample(engine, requests_):
+    calls: list[int] = []
+    engine.batch_size = 3
+    try:
+        completions = engine.generate(requests_[:5], 2, SAMPLED, progress=calls.append)
+    finally:
+        engine.batch_size = 8
+    assert calls == [3, 3, 3, 1]
+    assert sum(calls) == len(completions) == 10
+
+
+def test_finished_only_when_eos_was_produced(lively_model_dir, requests_):
+    import torch
+
+    engine = TransformersEngine(lively_model_dir, batch_size=8)
+    truncated = engine.generate(requests_, 2, SamplingParams(max_new_tokens=1, temperature=1.0, seed=0))
+    assert sum(c.finished for c in truncated) <= 2  # EOS is one token of ~1200: most samples hit the limit
+    assert all(c.n_tokens == 1 for c in truncated if not c.finished)
+    assert all(c.n_tokens == 0 and c.text == "" for c in truncated if c.finished)
+
+    # Make a token the greedy answer produces mid-way an EOS: generation must stop there and say so.
+    ids = engine.encode(requests_[0])
+    with torch.inference_mode():
+        out = engine.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=engine.tokenizer.pad_token_id)
+    tokens = out[0, len(ids):].tolist()
+    cut = next(k for k in range(3, len(tokens)) if tokens[k] not in tokens[:k])
+    before = engine.generate(requests_[:1], 1, GREEDY)[0]
+    assert before.finished is False and before.n_tokens == MAX_NEW
+    engine.model.generation_config.eos_token_id = [engine.tokenizer.eos_token_id, tokens[cut]]
+    after = engine.generate(requests_[:1], 1, GREEDY)[0]
+    assert after.finished is True
+    assert after.n_tokens == cut
+    assert after.text == engine.tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
+    assert before.text.startswith(after.text)
+
+
+def test_cut_at_eos():
+    assert _cut_at_eos([5, 6, 2, 7, 2], {2}) == ([5, 6], True)
+    assert _cut_at_eos([5, 6, 7], {2}) == ([5, 6, 7], False)
+    assert _cut_at_eos([3, 5], {2, 3}) == ([], True)
+
+
+def test_make_engine(lively_model_dir):
+    assert isinstance(make_engine("transformers", lively_model_dir, "cpu", 4), TransformersEngine)
+    with pytest.raises(ValueError, match="unknown generation engine 'vllm'"):
+        make_engine("vllm", lively_model_dir, "cpu", 4)
+
+
+def test_encode_uses_the_chat_template(engine):
+    ids = engine.encode(user_request("hello there"))
+    text = engine.tokenizer.decode(ids)
+    assert text == "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"

@@ -1,0 +1,128 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from flywheel.config import TrainingConfig
+from flywheel.models import METADATA_FILE, model_sha256, verify_model
+from flywheel.training import TrainingError, train
+
+FAST = dict(max_steps=2, learning_rate=1e-3, max_length=256, batch_size=2, device="cpu")
+
+DPO_ROWS = [
+    {"prompt": "Describe tea. Answer in lowercase.", "chosen": "green tea is calm.", "rejected": "Green Tea Is Calm."},
+    {"prompt": "Name a fruit without commas.", "chosen": "a ripe apple", "rejected": "apple, pear, plum"},
+    {"prompt": "Say hello in capitals.", "chosen": "HELLO THERE", "rejected": "hello there"},
+    {"prompt": "End with a question.", "chosen": "is that all?", "rejected": "that is all."},
+]
+SFT_ROWS = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in DPO_ROWS]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """A tiny model gains nothing from intra-op threads; on a busy 2-core machine they only contend."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _state(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+class Sink:
+    def __init__(self):
+        self.calls: list[tuple[dict, int]] = []
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        self.calls.append((metrics, step))
+
+    def steps_with(self, key: str) -> list[int]:
+        return [step for metrics, step in self.calls if key in metrics]
+
+
+@pytest.mark.parametrize("method,rows", [("dpo", DPO_ROWS), ("sft", SFT_ROWS)])
+def test_training_moves_weights_and_saves_a_loadable_model(tiny_model_dir, tmp_path, method, rows):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sink = Sink()
+    output = tmp_path / "out" / method
+    result = train(tiny_model_dir, rows, TrainingConfig(method=method, **FAST), output, seed=0, metrics=sink,
+                   metadata={"round": 7})
+    assert result.method == method
+    assert result.rows == result.rows_used == len(rows)
+    assert result.steps == 2
+    assert result.device == "cpu" and result.precision == "fp32"
+    assert 0 < result.changed_parameters <= 1
+    assert result.train_loss == result.train_loss and result.train_loss > 0  # finite, not NaN
+    assert Path(result.path) == output
+    assert result.sha256 == model_sha256(output) == verify_model(output).sha256
+    meta = json.loads((output / METADATA_FILE).read_text())
+    assert meta["source"] == f"trained:{method}" and meta["round"] == 7
+
+    loaded = AutoModelForCausalLM.from_pretrained(output)
+    parent = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    trained_weight = dict(loaded.named_parameters())[name]
+    parent_weight = dict(parent.named_parameters())[name]
+    assert trained_weight.shape == parent_weight.shape
+    assert not torch.equal(trained_weight, parent_weight)
+    assert set(dict(loaded.named_parameters())) == set(dict(parent.named_parameters()))
+
+    assert sink.steps_with("loss") == [1, 2]
+    losses = [metrics["loss"] for metrics, _ in sink.calls if "loss" in metrics]
+    assert all(isinstance(v, float) and v == v for v in losses)
+    summary = [metrics["train_loss"] for metrics, _ in sink.calls if "train_loss" in metrics]
+    assert summary == [pytest.approx(result.train_loss)]
+    if method == "dpo":
+        assert sink.steps_with("rewards/margins") == [1, 2]
+        # At the first step the policy is its own reference: the DPO loss is -log(sigmoid(0)) = ln 2.
+        assert losses[0] == pytest.approx(0.6931, abs=1e-3)
+
+
+def test_lora_trains_and_saves_a_merged_model(tiny_model_dir, tmp_path):
+    config = TrainingConfig(method="sft", lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}, **FAST)
+    output = tmp_path / "lora"
+    result = train(tiny_model_dir, SFT_ROWS, config, output)
+    assert result.changed_parameters > 0
+    files = {p.name for p in output.iterdir()}
+    assert not {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"} & files
+    trained, parent = _state(output), _state(tiny_model_dir)
+    assert set(trained) == set(parent)
+    assert not any("lora" in key for key in trained)
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in parent.items()}
+    # Merged: the adapted linear layers changed, the embeddings (not a LoRA target) did not.
+    changed = {k for k in parent if not (trained[k] == parent[k]).all()}
+    assert any("q_proj" in k for k in changed)
+    assert "model.embed_tokens.weight" not in changed
+    verify_model(output)
+
+
+def test_no_rows_raise(tiny_model_dir, tmp_path):
+    with pytest.raises(TrainingError, match="no training rows for method 'dpo'"):
+        train(tiny_model_dir, [], TrainingConfig(method="dpo", **FAST), tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("method", ["dpo", "sft"])
+def test_rows_longer_than_max_length_raise(tiny_model_dir, tmp_path, method):
+    long_prompt = " ".join(["explain how bread is made using exactly three bullet points"] * 8)
+    rows = [{"prompt": long_prompt, "chosen": "ok", "rejected": "no", "completion": "ok"}] * 2
+    rows = [{k: v for k, v in r.items() if k in (("prompt", "chosen", "rejected") if method == "dpo"
+                                                  else ("prompt", "completion"))} for r in rows]
+    config = TrainingConfig(method=method, **{**FAST, "max_length": 16})
+    with pytest.raises(TrainingError, match="max_length=16") as caught:
+        train(tiny_model_dir, rows, config, tmp_path / "long")
+    assert "all 2 training rows" in str(caught.value)
+    assert not (tmp_path / "long").exists()
+
+
+def test_bf16_on_cpu_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(TrainingError, match="bf16"):
+        train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", precision="bf16", **FAST), tmp_path / "bf16")

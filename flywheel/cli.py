@@ -240,7 +240,7 @@ def ui(config: ConfigOption = None, workspace: WorkspaceOption = None,
     processes = [subprocess.Popen(cmd, env=os.environ.copy()) for cmd, _ in servers.values()]
     try:
         for url, (_, health) in servers.items():
-            deadline = time.time() + 90
+            deadline = time.time() + 240
             while True:
                 try:
                     urllib.request.urlopen(health, timeout=2)

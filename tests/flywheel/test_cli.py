@@ -28,3 +28,29 @@ def test_run_rejects_bad_config(tmp_path, text, expected):
 def test_missing_config_file(tmp_path):
     result = CliRunner().invoke(app, ["status", "--config", str(tmp_path / "nope.yaml"), "--workspace", str(tmp_path)])
     assert result.exit_code == 2 and "config file not found" in result.stderr
+
+
+def test_ui_starts_prefect_and_mlflow_on_loopback(tmp_path):
+    import subprocess
+    import time
+    import urllib.request
+
+    from cli import cli_env, flywheel_cmd
+
+    log = tmp_path / "ui.log"
+    with log.open("w") as handle:
+        process = subprocess.Popen(
+            flywheel_cmd("ui", "--workspace", str(tmp_path), "--prefect-port", "4299", "--mlflow-port", "5099"),
+            cwd=tmp_path, env=cli_env(tmp_path), stdout=handle, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while "MLflow UI:" not in log.read_text():
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        assert "http://127.0.0.1:4299" in log.read_text()
+        assert urllib.request.urlopen("http://127.0.0.1:4299/api/health", timeout=10).status == 200
+        assert urllib.request.urlopen("http://127.0.0.1:5099/health", timeout=10).status == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

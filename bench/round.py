@@ -30,6 +30,9 @@ def run_round(config: Path, workspace: Path) -> float:
 
 
 def stage_times(workspace: Path) -> tuple[list[tuple[str, float]], float]:
+    from flywheel.workspace import quiet_environment
+
+    os.environ.update(quiet_environment())
     os.environ["PREFECT_HOME"] = str(workspace / ".flywheel" / "prefect")
     from prefect import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flywheel.config import FlywheelConfig
-from flywheel.stages import RoundRecord
+from flywheel.stages import RoundContext, RoundRecord, fail_round
 from flywheel.workspace import Workspace
 from tasks.build import build_data
 from tasks.evaluate import evaluate
@@ -25,7 +25,15 @@ def flywheel_round(config: FlywheelConfig = FlywheelConfig(), workspace: str | N
     ws = prepare_workspace(config, Workspace.from_config(config, workspace))
     champion = resolve_champion(config, ws)
     context = open_round(config, ws, champion)
+    try:
+        return run_stages(config, ws, context)
+    except BaseException as error:
+        # The round's MLflow run says why it failed; a re-run of the round opens a fresh one.
+        fail_round(ws, context, error)
+        raise
 
+
+def run_stages(config: FlywheelConfig, ws: Workspace, context: RoundContext) -> RoundRecord:
     split = load_prompts(config, ws, context)
     generations = generate(config, context, split)
     judged = judge(config, context, split, generations)
@@ -35,7 +43,7 @@ def flywheel_round(config: FlywheelConfig = FlywheelConfig(), workspace: str | N
     sample_ids = publish_review_sample(config, context, judged, quality)
     decision = record_review(config, context, quality, await_review(config, sample_ids))
     common = dict(round=context.number, name=context.name, config_hash=context.config_hash,
-                  parent_version=champion.version, run_id=context.run_id, prompts=split,
+                  parent_version=context.champion.version, run_id=context.run_id, prompts=split,
                   generations=generations, judged=judged, quality=quality, review=decision)
     if not decision.approved:
         record = RoundRecord(status="rejected", dataset=None, trained=None, evaluation=None, registration=None,

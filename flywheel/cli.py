@@ -237,6 +237,12 @@ def ui(config: ConfigOption = None, workspace: WorkspaceOption = None,
              ws.mlflow_artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(mlflow_port)],
             f"http://127.0.0.1:{mlflow_port}/health"),
     }
+    import signal
+
+    def stop(signum, frame):  # a plain `kill` must stop the servers too, not orphan them
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     processes = [subprocess.Popen(cmd, env=os.environ.copy()) for cmd, _ in servers.values()]
     try:
         for url, (_, health) in servers.items():

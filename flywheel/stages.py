@@ -486,3 +486,10 @@ def close_round(workspace: Workspace, context: RoundContext, record: RoundRecord
     mlflow_client.log_artifact(context.run_id, str(path))
     mlflow_client.set_terminated(context.run_id)
     return path
+
+
+def fail_round(workspace: Workspace, context: RoundContext, error: BaseException) -> None:
+    """Mark the round's MLflow run FAILED with the reason, so no run is left RUNNING forever."""
+    mlflow_client = registry.client(workspace.tracking_uri)
+    mlflow_client.set_tag(context.run_id, f"{registry.TAG}failure", f"{type(error).__name__}: {error}"[:5000])
+    mlflow_client.set_terminated(context.run_id, status="FAILED")

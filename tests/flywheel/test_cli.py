@@ -30,17 +30,37 @@ def test_missing_config_file(tmp_path):
     assert result.exit_code == 2 and "config file not found" in result.stderr
 
 
-def test_ui_starts_prefect_and_mlflow_on_loopback(tmp_path):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(url, timeout=5).status == 200
+    except OSError:
+        return False
+
+
+def test_ui_starts_prefect_and_mlflow_on_loopback_and_stops_them(tmp_path):
     import subprocess
     import time
-    import urllib.request
 
     from cli import cli_env, flywheel_cmd
 
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_health = f"http://127.0.0.1:{prefect_port}/api/health"
+    mlflow_health = f"http://127.0.0.1:{mlflow_port}/health"
     log = tmp_path / "ui.log"
     with log.open("w") as handle:
         process = subprocess.Popen(
-            flywheel_cmd("ui", "--workspace", str(tmp_path), "--prefect-port", "4299", "--mlflow-port", "5099"),
+            flywheel_cmd("ui", "--workspace", str(tmp_path), "--prefect-port", str(prefect_port),
+                         "--mlflow-port", str(mlflow_port)),
             cwd=tmp_path, env=cli_env(tmp_path), stdout=handle, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
@@ -48,9 +68,10 @@ def test_ui_starts_prefect_and_mlflow_on_loopback(tmp_path):
             assert process.poll() is None, log.read_text()[-3000:]
             assert time.time() < deadline, log.read_text()[-3000:]
             time.sleep(1)
-        assert "http://127.0.0.1:4299" in log.read_text()
-        assert urllib.request.urlopen("http://127.0.0.1:4299/api/health", timeout=10).status == 200
-        assert urllib.request.urlopen("http://127.0.0.1:5099/health", timeout=10).status == 200
+        assert f"http://127.0.0.1:{prefect_port}" in log.read_text()
+        assert _answers(prefect_health) and _answers(mlflow_health)
     finally:
         process.terminate()
         process.wait(timeout=60)
+    time.sleep(2)
+    assert not _answers(prefect_health) and not _answers(mlflow_health), "servers outlived `flywheel ui`"

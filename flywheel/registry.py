@@ -118,10 +118,14 @@ def register_model_dir(
     aliases: tuple[str, ...] = (),
 ) -> VersionInfo:
     """Log the model folder as the run's ``model`` artifact and register it as a new version."""
+    from mlflow.exceptions import MlflowException
+
     mlflow_client = client(tracking_uri)
     try:
         mlflow_client.get_registered_model(name)
-    except Exception:  # MlflowException(RESOURCE_DOES_NOT_EXIST): first registration of this name
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         mlflow_client.create_registered_model(name, description="Policy trained by the flywheel, round by round.")
     mlflow_client.log_artifacts(run_id, str(model_dir), artifact_path="model")
     run = mlflow_client.get_run(run_id)

@@ -154,7 +154,9 @@ def resolve_champion(config: FlywheelConfig, workspace: Workspace) -> Champion:
 
 def next_round_number(workspace: Workspace) -> int:
     """One past the last finished round: an unfinished round is resumed under its own number."""
-    finished = [int(p.stem.rsplit("-", 1)[-1]) for p in workspace.records.glob(f"{workspace.tag_prefix}*.json")]
+    prefix = workspace.tag_prefix
+    finished = [int(p.stem[len(prefix):]) for p in workspace.records.glob(f"{prefix}*.json")
+                if p.stem[len(prefix):].isdigit()]
     return max(finished, default=0) + 1
 
 

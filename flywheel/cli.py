@@ -178,6 +178,33 @@ def export(ref: str, directory: Path, config: ConfigOption = None, workspace: Wo
 
 
 @app.command()
+def lineage(ref: str, config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
+    """Trace a version or alias back to its parent, round, git commit, DVC dataset, recipe, review and metrics."""
+    cfg, ws = _setup(config, workspace)
+    from flywheel import registry
+    from flywheel.lineage import render, trace
+
+    try:
+        typer.echo(render(trace(ws, cfg.model.registered_name, ref)))
+    except registry.RegistryError as error:
+        _fail(str(error))
+
+
+@app.command()
+def checkout(round_number: Annotated[int, typer.Option("--round", min=1, help="Round to restore.")],
+             config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
+    """Restore data/ to exactly what a round trained on (data.dvc from its tag, then DVC checkout/pull)."""
+    _, ws = _setup(config, workspace)
+    from flywheel.versioning import VersioningError, checkout_round
+
+    try:
+        md5 = checkout_round(ws.root, ws.round_name(round_number))
+    except VersioningError as error:
+        _fail(str(error))
+    typer.echo(f"data/ restored to {ws.round_name(round_number)} (DVC md5 {md5})")
+
+
+@app.command()
 def review(config: ConfigOption = None, workspace: WorkspaceOption = None,
            run_id: Annotated[Optional[str], typer.Option("--run", help="Paused flow run id (default: the only one).")] = None,
            approve: Annotated[Optional[bool], typer.Option("--approve/--reject", help="The decision.")] = None,

@@ -183,6 +183,9 @@ def open_round(config: FlywheelConfig, workspace: Workspace, champion: Champion,
     data_dir, work_dir = workspace.round_data(number), workspace.round_state(number)
     data_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
+    from flywheel.lineage import write_config_snapshot
+
+    write_config_snapshot(config.model_dump(mode="json"), data_dir)
     return RoundContext(number=number, name=name, data_dir=str(data_dir), work_dir=str(work_dir), run_id=run_id,
                         config_hash=config.config_hash(), champion=champion)
 
@@ -308,6 +311,14 @@ def quality_gate(config: FlywheelConfig, workspace: Workspace, context: RoundCon
                       sft=len(outcome.clean["sft"]))
     return QualityResult(report=outcome.report, quarantine_path=str(quarantine_path), clean=clean,
                          quarantined=len(outcome.quarantine))
+
+
+def log_quality_artifacts(workspace: Workspace, context: RoundContext, result: QualityResult) -> None:
+    """The gate's report and quarantine go to the round's MLflow run, next to its metrics."""
+    mlflow_client = registry.client(workspace.tracking_uri)
+    data_dir = Path(context.data_dir)
+    for name in ("quality.json", "quarantine.parquet"):
+        mlflow_client.log_artifact(context.run_id, str(data_dir / name), artifact_path="quality")
 
 
 def training_table(config: FlywheelConfig) -> str:

@@ -1,5 +1,7 @@
 from prefect import task
-from prefect.artifacts import create_table_artifact
+from pathlib import Path
+
+from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from flywheel import stages
 from flywheel.config import FlywheelConfig
@@ -19,5 +21,9 @@ def quality_gate(config: FlywheelConfig, workspace: Workspace, context: stages.R
     stages.log_metrics(workspace, context.run_id, {
         "quality.failed_fraction": result.report.failed_fraction, "quality.quarantined": result.quarantined,
     })
+    if result.report.data_docs_path:
+        create_link_artifact(Path(result.report.data_docs_path).resolve().as_uri(), link_text="Great Expectations Data Docs",
+                             key=f"data-docs-{context.name}", description=f"Validation results of {context.name}")
+    stages.log_quality_artifacts(workspace, context, result)
     enforce(result.report)  # fails the run loudly, after the quarantine and report are on disk
     return result

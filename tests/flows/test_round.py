@@ -93,6 +93,8 @@ def test_round_record_and_mlflow_metrics(finished_round):
     history = client.get_metric_history(record["run_id"], "train.loss")
     assert len(history) == record["trained"]["steps"] and len(history) >= 2
     run = client.get_run(record["run_id"])
+    logged = {a.path for a in client.list_artifacts(record["run_id"], "quality")}
+    assert logged == {"quality/quality.json", "quality/quarantine.parquet"}
     assert "eval.candidate.prompt_accuracy" in run.data.metrics
     assert run.data.params["training.method"] == "dpo"
 
@@ -115,6 +117,27 @@ def test_promote_then_next_round_starts_from_new_champion(finished_round):
     assert registry.get_version(uri(workspace), "tiny-policy", "champion").version == "2"
     status = run_cli(workspace, "status", "--config", str(recipe)).stdout
     assert "champion   v2" in status and "round-0002" in status
+
+
+def test_lineage_traces_version_to_data_and_checkout_restores_it(finished_round):
+    workspace, recipe, _ = finished_round
+    out = run_cli(workspace, "lineage", "2", "--config", str(recipe)).stdout
+    tags = registry.get_version(uri(workspace), "tiny-policy", "2").tags
+    for expected in ("tiny-policy v2", "parent version     1", "git tag            round-0001",
+                     tags["flywheel.dataset_md5"], tags["flywheel.git_commit"], "approved by policy:auto",
+                     "eval.candidate.prompt_accuracy", '"registered_name": "tiny-policy"',
+                     "flywheel checkout --round 1"):
+        assert expected in out, expected
+    # the data of round 1 comes back exactly, even after later rounds changed data/
+    import shutil
+
+    shutil.rmtree(workspace / "data" / "rounds" / "round-0001")
+    out = run_cli(workspace, "checkout", "--round", "1", "--config", str(recipe)).stdout
+    assert tags["flywheel.dataset_md5"] in out
+    assert (workspace / "data" / "rounds" / "round-0001" / "pairs.parquet").is_file()
+    assert dvc_md5(workspace) == tags["flywheel.dataset_md5"]
+    bad = run_cli(workspace, "lineage", "99", "--config", str(recipe), check=False)
+    assert bad.returncode == 2 and "no version or alias '99'" in bad.stderr
 
 
 def test_export_writes_loadable_model(finished_round, tmp_path):

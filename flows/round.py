@@ -56,7 +56,7 @@ def run_stages(config: FlywheelConfig, ws: Workspace, context: RoundContext) -> 
     trained = train(config, ws, context, quality, dataset)
     evaluation = evaluate(config, ws, context, split, trained)
     registration = register(config, ws, context, quality, dataset, trained, evaluation, decision)
-    promotion = promote(config, ws, registration, evaluation)
+    promotion = promote(config, ws, registration, evaluation, decision)
 
     record = RoundRecord(status="completed", dataset=dataset, trained=trained, evaluation=evaluation,
                          registration=registration, promotion=promotion, **common)

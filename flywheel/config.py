@@ -108,8 +108,17 @@ class EvaluationConfig(Section):
 
 
 class PromotionConfig(Section):
+    """The policy a candidate must meet before ``auto`` moves ``champion`` (``manual`` leaves it to a reviewer)."""
+
     mode: Literal["manual", "auto"] = "manual"
-    min_gain: float = Field(0.0, ge=-1, le=1, description="auto: promote when accuracy gain exceeds this.")
+    min_gain: float = Field(0.0, ge=-1, le=1, description="Held-out prompt accuracy must improve by more than this.")
+    max_type_regression: float | None = Field(
+        0.1, ge=0, le=1, description="No instruction type may lose more accuracy than this (None: unchecked)."
+    )
+    max_perplexity_increase: float | None = Field(
+        0.05, ge=0, description="Relative perplexity rise allowed on the general-text probe (None: unchecked)."
+    )
+    require_human_approval: bool = Field(False, description="Promote only rounds a human reviewer approved.")
 
 
 class StorageConfig(Section):
@@ -143,6 +152,10 @@ class FlywheelConfig(Section):
             )
         if self.training.method == "dpo" and self.feedback.min_score_gap >= 1 and self.feedback.chosen_must_pass:
             raise ValueError("feedback.min_score_gap must be < 1: no pair can beat a gap of 1")
+        if self.promotion.require_human_approval and self.promotion.mode == "auto" and self.review.mode == "auto":
+            raise ValueError(
+                "promotion.require_human_approval needs review.mode 'required': an automatic review never qualifies"
+            )
         if self.training.precision == "bf16" and self.training.device == "cpu" and self.training.lora.enabled:
             raise ValueError("training.precision 'bf16' with LoRA is not supported on device 'cpu'; use fp32")
         return self

@@ -23,12 +23,24 @@ class Evaluation(BaseModel):
     champion: ModelScores
     win_rate: float  # candidate beats champion per prompt on verifier score; ties count half
     accuracy_gain: float
+    candidate_perplexity: float | None = None  # general-text probe (flywheel.probe)
+    champion_perplexity: float | None = None
+
+    @property
+    def perplexity_increase(self) -> float | None:
+        if self.candidate_perplexity is None or self.champion_perplexity is None:
+            return None
+        return self.candidate_perplexity / self.champion_perplexity - 1
 
     def metrics(self) -> dict[str, float]:
         flat = {
             "eval.win_rate": self.win_rate,
             "eval.accuracy_gain": self.accuracy_gain,
         }
+        if self.perplexity_increase is not None:
+            flat["eval.candidate.probe_perplexity"] = self.candidate_perplexity
+            flat["eval.champion.probe_perplexity"] = self.champion_perplexity
+            flat["eval.probe_perplexity_increase"] = self.perplexity_increase
         for label, scores in (("candidate", self.candidate), ("champion", self.champion)):
             flat[f"eval.{label}.prompt_accuracy"] = scores.prompt_accuracy
             flat[f"eval.{label}.constraint_accuracy"] = scores.constraint_accuracy
@@ -74,3 +86,36 @@ def compare(candidate_judged, champion_judged) -> Evaluation:
         win_rate=float((wins + 0.5 * ties) / len(merged)),
         accuracy_gain=candidate.prompt_accuracy - champion.prompt_accuracy,
     )
+
+
+def promotion_verdict(evaluation: Evaluation, human_approved: bool, *, min_gain: float,
+                      max_type_regression: float | None, max_perplexity_increase: float | None,
+                      require_human_approval: bool) -> tuple[bool, list[str]]:
+    """Whether a candidate meets the promotion policy, with every reason it does or does not."""
+    reasons, ok = [], True
+    gain = evaluation.accuracy_gain
+    if gain > min_gain:
+        reasons.append(f"accuracy gain {gain:+.3f} > min_gain {min_gain}")
+    else:
+        ok = False
+        reasons.append(f"accuracy gain {gain:+.3f} <= min_gain {min_gain}")
+    if max_type_regression is not None:
+        champion = evaluation.champion.per_type
+        drops = {k: champion[k] - v for k, v in evaluation.candidate.per_type.items()
+                 if k in champion and champion[k] - v > max_type_regression + 1e-12}
+        if drops:
+            ok = False
+            worst = ", ".join(f"{k} -{d:.3f}" for k, d in sorted(drops.items(), key=lambda kv: -kv[1]))
+            reasons.append(f"instruction types regressed beyond {max_type_regression}: {worst}")
+    if max_perplexity_increase is not None:
+        rise = evaluation.perplexity_increase
+        if rise is None:
+            ok = False
+            reasons.append("perplexity probe missing")
+        elif rise > max_perplexity_increase:
+            ok = False
+            reasons.append(f"probe perplexity rose {rise:+.1%} > {max_perplexity_increase:.1%}")
+    if require_human_approval and not human_approved:
+        ok = False
+        reasons.append("a human reviewer's approval is required")
+    return ok, reasons

@@ -415,16 +415,27 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
     eval_key = hashlib.sha256(Path(split.eval_path).read_bytes() + config.evaluation.model_dump_json().encode())
     cache = workspace.state / "evals" / f"{config.model.registered_name}-v{context.champion.version}-" \
                                         f"{eval_key.hexdigest()[:12]}.parquet"
-    if cache.is_file():
+    from flywheel.models import resolve_device
+    from flywheel.probe import perplexity
+
+    device = resolve_device(config.generation.device)
+    probe_cache = cache.with_suffix(".probe.json")
+    if cache.is_file() and probe_cache.is_file():
         champion = read_table(cache)
+        champion_perplexity = json.loads(probe_cache.read_text())["perplexity"]
     else:
         champion = _greedy_eval(config, Path(context.champion.path), split, progress)
+        champion_perplexity = perplexity(Path(context.champion.path), device=device)
         write_parquet(champion, cache)
+        write_json({"perplexity": champion_perplexity}, probe_cache)
     candidate = _greedy_eval(config, Path(trained.path), split, progress)
     work = Path(context.work_dir)
     write_parquet(candidate, work / "eval_candidate.parquet")
     write_parquet(champion, work / "eval_champion.parquet")
-    evaluation = compare(candidate, champion)
+    evaluation = compare(candidate, champion).model_copy(update={
+        "candidate_perplexity": perplexity(Path(trained.path), device=device),
+        "champion_perplexity": champion_perplexity,
+    })
     log_metrics(workspace, context.run_id, evaluation.metrics())
     return evaluation
 
@@ -467,19 +478,25 @@ def register_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
 
 
 def decide_promotion(config: FlywheelConfig, workspace: Workspace, registration: Registration,
-                     evaluation: Evaluation) -> registry.Promotion:
-    name = config.model.registered_name
-    if config.promotion.mode == "manual":
+                     evaluation: Evaluation, decision: ReviewDecision) -> registry.Promotion:
+    from flywheel.evaluation import promotion_verdict
+
+    name, policy = config.model.registered_name, config.promotion
+    ok, reasons = promotion_verdict(
+        evaluation, decision.approved and decision.mode == "human", min_gain=policy.min_gain,
+        max_type_regression=policy.max_type_regression, max_perplexity_increase=policy.max_perplexity_increase,
+        require_human_approval=policy.require_human_approval,
+    )
+    summary = "; ".join(reasons)
+    if policy.mode == "manual":
         return registry.Promotion(name=name, version=registration.version, previous=None, promoted=False,
-                                  reason=f"promotion.mode is manual: run `flywheel promote {registration.version}`")
-    if evaluation.accuracy_gain > config.promotion.min_gain:
-        return registry.set_champion(
-            workspace.tracking_uri, name, registration.version, actor="policy:auto",
-            reason=f"accuracy gain {evaluation.accuracy_gain:+.3f} > min_gain {config.promotion.min_gain}",
-        )
+                                  reason=f"promotion.mode is manual (policy would {'' if ok else 'not '}promote: "
+                                         f"{summary}); run `flywheel promote {registration.version}`")
+    if ok:
+        return registry.set_champion(workspace.tracking_uri, name, registration.version, actor="policy:auto",
+                                     reason=summary)
     return registry.Promotion(name=name, version=registration.version, previous=None, promoted=False,
-                              reason=f"accuracy gain {evaluation.accuracy_gain:+.3f} <= min_gain "
-                                     f"{config.promotion.min_gain}: champion unchanged")
+                              reason=f"{summary}: champion unchanged")
 
 
 def write_round_record(workspace: Workspace, record: RoundRecord) -> Path:

@@ -18,8 +18,8 @@ def register(config: FlywheelConfig, workspace: Workspace, context: stages.Round
 
 @task(name="promote")
 def promote(config: FlywheelConfig, workspace: Workspace, registration: stages.Registration,
-            evaluation: Evaluation) -> registry.Promotion:
-    return stages.decide_promotion(config, workspace, registration, evaluation)
+            evaluation: Evaluation, decision: ReviewDecision) -> registry.Promotion:
+    return stages.decide_promotion(config, workspace, registration, evaluation, decision)
 
 
 @task(name="close-round", retries=2, retry_delay_seconds=5)

@@ -96,6 +96,7 @@ def test_round_record_and_mlflow_metrics(finished_round):
     logged = {a.path for a in client.list_artifacts(record["run_id"], "quality")}
     assert logged == {"quality/quality.json", "quality/quarantine.parquet"}
     assert "eval.candidate.prompt_accuracy" in run.data.metrics
+    assert run.data.metrics["eval.candidate.probe_perplexity"] > 1
     assert run.data.params["training.method"] == "dpo"
 
 
@@ -104,7 +105,8 @@ def test_promote_then_next_round_starts_from_new_champion(finished_round):
     out = run_cli(workspace, "promote", "2", "--config", str(recipe), "--reason", "test").stdout
     assert "champion -> v2" in out
     config = yaml.safe_load(recipe.read_text())
-    config["promotion"] = {"mode": "auto", "min_gain": -1.0}  # always promote, to exercise the policy path
+    config["promotion"] = {"mode": "auto", "min_gain": -1.0, "max_type_regression": None,
+                           "max_perplexity_increase": None}  # always promote, to exercise the policy path
     write_recipe(recipe, config)
     out = run_cli(workspace, "run", "--config", str(recipe)).stdout
     assert "round-0002" in out

@@ -102,3 +102,41 @@ def test_metrics_are_flat_and_named():
 def test_mismatched_prompt_sets_raise(candidate, champion):
     with pytest.raises(ValueError, match="same prompts"):
         compare(candidate, champion)
+
+
+def _evaluation(cand_acc, champ_acc, cand_types, champ_types, cand_ppl=10.0, champ_ppl=10.0):
+    from flywheel.evaluation import Evaluation, ModelScores
+
+    def scores(acc, types):
+        return ModelScores(prompts=10, prompt_accuracy=acc, constraint_accuracy=acc, per_type=types,
+                           truncated_share=0.0, mean_tokens=5.0)
+
+    return Evaluation(candidate=scores(cand_acc, cand_types), champion=scores(champ_acc, champ_types),
+                      win_rate=0.5, accuracy_gain=cand_acc - champ_acc, candidate_perplexity=cand_ppl,
+                      champion_perplexity=champ_ppl)
+
+
+POLICY = dict(min_gain=0.0, max_type_regression=0.1, max_perplexity_increase=0.05, require_human_approval=False)
+
+
+@pytest.mark.parametrize(("evaluation", "human", "policy", "promoted", "reason"), [
+    (_evaluation(0.5, 0.4, {"a": 0.5}, {"a": 0.4}), False, POLICY, True, "accuracy gain +0.100 > min_gain"),
+    (_evaluation(0.4, 0.4, {"a": 0.4}, {"a": 0.4}), False, POLICY, False, "accuracy gain +0.000 <= min_gain"),
+    (_evaluation(0.6, 0.4, {"a": 0.9, "b": 0.2}, {"a": 0.4, "b": 0.5}), False, POLICY, False,
+     "instruction types regressed beyond 0.1: b -0.300"),
+    (_evaluation(0.6, 0.4, {"a": 0.9, "b": 0.45}, {"a": 0.4, "b": 0.5}), False, POLICY, True, "accuracy gain"),
+    (_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}, cand_ppl=11.0), False, POLICY, False,
+     "probe perplexity rose +10.0% > 5.0%"),
+    (_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}, cand_ppl=11.0), False,
+     {**POLICY, "max_perplexity_increase": None}, True, "accuracy gain"),
+    (_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}), False, {**POLICY, "require_human_approval": True}, False,
+     "a human reviewer's approval is required"),
+    (_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}), True, {**POLICY, "require_human_approval": True}, True,
+     "accuracy gain"),
+])
+def test_promotion_verdict(evaluation, human, policy, promoted, reason):
+    from flywheel.evaluation import promotion_verdict
+
+    ok, reasons = promotion_verdict(evaluation, human, **policy)
+    assert ok is promoted
+    assert any(reason in r for r in reasons), reasons

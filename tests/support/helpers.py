@@ -17,7 +17,7 @@ def tiny_recipe(model_dir: Path, **overrides) -> dict:
         "quality": {"max_failed_fraction": 0.5},
         "training": {"method": "dpo", "max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "max_length": 256},
         "evaluation": {"max_new_tokens": 12, "batch_size": 16},
-        "promotion": {"mode": "auto", "min_gain": -1.0},
+        "promotion": {"mode": "auto", "min_gain": -1.0, "max_type_regression": None, "max_perplexity_increase": None},
     }
     for dotted, value in overrides.items():
         section, key = dotted.split("__")

@@ -377,13 +377,9 @@ def train_candidate(config: FlywheelConfig, workspace: Workspace, context: Round
 
     table = read_table(Path(getattr(quality.clean, f"{training_table(config)}_path")))
     output = workspace.models / config.model.registered_name / "rounds" / context.name
-    mlflow_client = registry.client(workspace.tracking_uri)
 
     def sink(metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        mlflow_client.log_batch(context.run_id, metrics=[Metric(f"train.{k}", v, now, step) for k, v in metrics.items()])
+        log_metrics(workspace, context.run_id, {f"train.{k}": v for k, v in metrics.items()}, step)
 
     return train(Path(context.champion.path), table.to_dict(orient="records"), config.training, output,
                  seed=config.seed, metrics=sink,
@@ -512,6 +508,14 @@ def read_round_records(workspace: Workspace) -> list[RoundRecord]:
 
 def close_round(workspace: Workspace, context: RoundContext, record: RoundRecord) -> Path:
     mlflow_client = registry.client(workspace.tracking_uri)
+    log_metrics(workspace, context.run_id, {
+        "generate.tokens_per_second": record.generations.tokens_per_second,
+        "generate.seconds": record.generations.seconds,
+        "judge.pass_rate": record.judged.pass_rate,
+        "judge.mean_score": record.judged.mean_score,
+        "data.pairs": record.quality.clean.pairs,
+        "data.sft_rows": record.quality.clean.sft,
+    })
     path = write_round_record(workspace, record)
     mlflow_client.log_artifact(context.run_id, str(path))
     mlflow_client.set_terminated(context.run_id)

@@ -97,6 +97,8 @@ def test_round_record_and_mlflow_metrics(finished_round):
     assert logged == {"quality/quality.json", "quality/quarantine.parquet"}
     assert "eval.candidate.prompt_accuracy" in run.data.metrics
     assert run.data.metrics["eval.candidate.probe_perplexity"] > 1
+    assert run.data.metrics["judge.pass_rate"] == pytest.approx(record["judged"]["pass_rate"])
+    assert run.data.metrics["data.pairs"] == record["quality"]["clean"]["pairs"]
     assert run.data.params["training.method"] == "dpo"
 
 

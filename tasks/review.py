@@ -47,7 +47,8 @@ def await_review(config: FlywheelConfig, sample_ids: list[str]) -> ReviewDecisio
     if config.review.mode == "auto":
         return auto_decision(sample_ids)
     answer = pause_flow_run(
-        wait_for_input=ReviewInput.with_initial_data(approve=True, reviewer="", notes="", drop_row_ids=[]),
+        # Approval must be an explicit act: the form starts unapproved and with no reviewer name.
+        wait_for_input=ReviewInput.with_initial_data(approve=False, reviewer="", notes="", drop_row_ids=[]),
         timeout=config.review.timeout_s,
         key=REVIEW_KEY,
     )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 from pydantic import BaseModel, ConfigDict
 
 from flywheel import registry
 from flywheel.workspace import Workspace
+
+# The recipe travels with the dataset it produced (written by stages.open_round), so the DVC-tracked round says how
+# it was made.
+CONFIG_SNAPSHOT = "config.json"
 
 
 class Lineage(BaseModel):
@@ -45,8 +47,8 @@ def trace(workspace: Workspace, name: str, ref: str) -> Lineage:
         record = json.loads(record_path.read_text())
         review = record.get("review")
     data_dir = workspace.rounds_data / round_tag if round_tag else None
-    if data_dir is not None and (data_dir / "config.json").is_file():
-        config = json.loads((data_dir / "config.json").read_text())
+    if data_dir is not None and (data_dir / CONFIG_SNAPSHOT).is_file():
+        config = json.loads((data_dir / CONFIG_SNAPSHOT).read_text())
     commands = []
     if round_tag:
         commands = [f"git checkout {round_tag} -- data.dvc && dvc pull",
@@ -81,9 +83,3 @@ def render(lineage: Lineage) -> str:
         lines += [f"    {c}" for c in lineage.restore_commands]
     return "\n".join(lines)
 
-
-def write_config_snapshot(config_dump: dict, data_dir: Path) -> None:
-    """The recipe travels with the dataset it produced, so the DVC-tracked round says how it was made."""
-    from flywheel.dataset import write_json
-
-    write_json(config_dump, data_dir / "config.json")

@@ -183,9 +183,9 @@ def open_round(config: FlywheelConfig, workspace: Workspace, champion: Champion,
     data_dir, work_dir = workspace.round_data(number), workspace.round_state(number)
     data_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    from flywheel.lineage import write_config_snapshot
+    from flywheel.lineage import CONFIG_SNAPSHOT
 
-    write_config_snapshot(config.model_dump(mode="json"), data_dir)
+    write_json(config.model_dump(mode="json"), data_dir / CONFIG_SNAPSHOT)
     return RoundContext(number=number, name=name, data_dir=str(data_dir), work_dir=str(work_dir), run_id=run_id,
                         config_hash=config.config_hash(), champion=champion)
 

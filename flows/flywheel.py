@@ -10,7 +10,9 @@ from flywheel.stages import RoundRecord
 
 
 @flow(name="flywheel")
-def flywheel(config: FlywheelConfig = FlywheelConfig(), rounds: int = 1, workspace: str | None = None) -> list[RoundRecord]:
+def flywheel(config: FlywheelConfig = FlywheelConfig(), rounds: int = 1, workspace: str | None = None,
+             wait: bool = False, restart: bool = False) -> list[RoundRecord]:
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
-    return [flywheel_round(config, workspace) for _ in range(rounds)]
+    # ``restart`` concerns the unfinished round this run may find, i.e. only the first.
+    return [flywheel_round(config, workspace, wait=wait, restart=restart and i == 0) for i in range(rounds)]

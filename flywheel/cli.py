@@ -22,6 +22,10 @@ WorkspaceOption = Annotated[
 
 
 def _fail(message: str) -> None:
+    if "prefect" in sys.modules:  # its temporary server logs its shutdown at exit: the error stays the last line
+        import logging
+
+        logging.getLogger("prefect").setLevel(logging.WARNING)
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -38,35 +42,61 @@ def _setup(config_path: Path | None, workspace: Path | None):
     except ConfigError as error:
         _fail(str(error))
     ws = Workspace.from_config(config, root)
-    activate(ws)
+    try:
+        activate(ws)
+    except OSError as error:  # the state folder cannot be created: a read-only or full workspace, say
+        from flywheel.preflight import describe_os_error
+
+        _fail(f"storage.state_dir {ws.state}: cannot be created ({describe_os_error(error)})")
     return config, ws
 
 
 @app.command()
 def run(config: ConfigOption = None, workspace: WorkspaceOption = None,
-        rounds: Annotated[int, typer.Option(min=1, help="Rounds to run, one after another.")] = 1) -> None:
-    """Run flywheel rounds and print a summary of each."""
+        rounds: Annotated[int, typer.Option(min=1, help="Rounds to run, one after another.")] = 1,
+        wait: Annotated[bool, typer.Option(help="Wait for a round already running in this workspace.")] = False,
+        restart: Annotated[bool, typer.Option(
+            help="Start an unfinished round anew (its finished stages are set aside, not deleted).")] = False) -> None:
+    """Run flywheel rounds and print a summary of each. An unfinished round resumes after its last finished stage."""
     cfg, ws = _setup(config, workspace)
+    from flywheel.preflight import preflight
+
+    try:  # bad input and unusable storage fail here, in a second, before Prefect starts or anything is written
+        preflight(cfg, ws)
+    except _user_errors() as error:
+        _fail(str(error))
     from flows.flywheel import flywheel
 
     try:
-        records = flywheel(cfg, rounds=rounds, workspace=str(ws.root))
+        records = flywheel(cfg, rounds=rounds, workspace=str(ws.root), wait=wait, restart=restart)
     except _user_errors() as error:
         # The Prefect run is marked failed with the full traceback; the terminal gets the one line that matters.
         _fail(f"{type(error).__name__}: {error}")
+    except Exception as error:  # a disk that fills up mid-round (files, SQLite, DVC): one line, not a traceback
+        from flywheel.preflight import disk_full, is_disk_full
+
+        if not is_disk_full(error):
+            raise
+        _fail(str(disk_full(getattr(error, "filename", None) or ws.root)))
     _print_summary(records)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Failures a user can act on: bad input or an unmet gate, not a bug in the flywheel."""
+    from flywheel.generation import EngineError
+    from flywheel.journal import JournalError
+    from flywheel.judges import JudgeError
     from flywheel.models import ModelError
+    from flywheel.preflight import DiskFullError, PreflightError
     from flywheel.prompts import PromptFileError
     from flywheel.quality import QualityGateError
     from flywheel.registry import RegistryError
     from flywheel.training import TrainingError
     from flywheel.versioning import VersioningError
+    from flywheel.workspace import WorkspaceBusy
 
-    return (ConfigError, ModelError, PromptFileError, QualityGateError, RegistryError, TrainingError, VersioningError)
+    return (ConfigError, JournalError, ModelError, PromptFileError, QualityGateError, RegistryError, TrainingError,
+            VersioningError, WorkspaceBusy, PreflightError, DiskFullError, EngineError, JudgeError)
 
 
 def summary_rows(record) -> dict[str, str]:
@@ -135,11 +165,14 @@ def promote(version: str, config: ConfigOption = None, workspace: WorkspaceOptio
     """Move the `champion` alias to VERSION (a number, or an alias such as `candidate`)."""
     cfg, ws = _setup(config, workspace)
     from flywheel import registry
+    from flywheel.models import ModelError
 
     try:
-        result = registry.set_champion(ws.tracking_uri, cfg.model.registered_name, version, reason=reason, actor=actor)
-    except registry.RegistryError as error:
+        result = registry.set_champion(ws.tracking_uri, cfg.model.registered_name, version, reason=reason, actor=actor,
+                                       store=ws.models)
+    except (registry.RegistryError, ModelError) as error:
         _fail(str(error))
+    _announce(result)
     typer.echo(f"champion -> v{result.version} (was v{result.previous})" if result.promoted else result.reason)
 
 
@@ -150,11 +183,14 @@ def rollback(config: ConfigOption = None, workspace: WorkspaceOption = None,
     """Move `champion` back to the version it replaced."""
     cfg, ws = _setup(config, workspace)
     from flywheel import registry
+    from flywheel.models import ModelError
 
     try:
-        result = registry.rollback(ws.tracking_uri, cfg.model.registered_name, reason=reason, actor=actor)
-    except registry.RegistryError as error:
+        result = registry.rollback(ws.tracking_uri, cfg.model.registered_name, reason=reason, actor=actor,
+                                   store=ws.models)
+    except (registry.RegistryError, ModelError) as error:
         _fail(str(error))
+    _announce(result, rollback=True)
     typer.echo(f"champion -> v{result.version} (rolled back from v{result.previous})")
 
 
@@ -170,7 +206,12 @@ def export(ref: str, directory: Path, config: ConfigOption = None, workspace: Wo
         info = registry.get_version(ws.tracking_uri, cfg.model.registered_name, ref)
     except registry.RegistryError as error:
         _fail(str(error))
-    source = registry.materialize(ws.tracking_uri, info, ws.models)
+    from flywheel.models import ModelError
+
+    try:
+        source = registry.materialize(ws.tracking_uri, info, ws.models)
+    except ModelError as error:  # the stored copy no longer matches its checksums
+        _fail(str(error))
     if directory.exists() and any(directory.iterdir()):
         _fail(f"{directory}: exists and is not empty")
     shutil.copytree(source, directory, dirs_exist_ok=True)
@@ -217,11 +258,14 @@ def review(config: ConfigOption = None, workspace: WorkspaceOption = None,
 
     paused = paused_rounds()
     if not paused:
+        if approve is not None:  # a decision with nothing to decide on is a mistake, not a no-op
+            _fail("no rounds are waiting for review: nothing to approve or reject")
         typer.echo("no rounds are waiting for review")
         return
     if approve is None:
         for item in paused:
-            typer.echo(f"{item.flow_run_id}  {item.name}  paused since {item.paused_at}")
+            due = f"  decide by {item.expires_at}{' (timed out)' if item.expired else ''}" if item.expires_at else ""
+            typer.echo(f"{item.flow_run_id}  {item.name}  paused since {item.paused_at}{due}")
             typer.echo(review_page(item.flow_run_id) or "(no sample published)")
         typer.echo("decide with: flywheel review --run ID --approve|--reject --reviewer NAME [--notes ...] [--drop ROW_ID]")
         return
@@ -229,6 +273,9 @@ def review(config: ConfigOption = None, workspace: WorkspaceOption = None,
         if len(paused) > 1:
             _fail("several rounds are paused: choose one with --run ID")
         run_id = str(paused[0].flow_run_id)
+    if run_id not in {str(item.flow_run_id) for item in paused}:
+        _fail(f"flow run {run_id} is not a round waiting for review (paused: "
+              f"{', '.join(str(item.flow_run_id) for item in paused)})")
     round_name = paused_round_name(run_id)
     known = _round_row_ids(ws.rounds_data / round_name) if round_name else None
     try:
@@ -270,7 +317,9 @@ def ui(config: ConfigOption = None, workspace: WorkspaceOption = None,
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    processes = [subprocess.Popen(cmd, env=os.environ.copy()) for cmd, _ in servers.values()]
+    # The UI finds its API from this (else it assumes port 4200, whatever --prefect-port says).
+    env = {**os.environ, "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}
+    processes = [subprocess.Popen(cmd, env=env) for cmd, _ in servers.values()]
     try:
         for url, (_, health) in servers.items():
             deadline = time.time() + 240
@@ -293,6 +342,70 @@ def ui(config: ConfigOption = None, workspace: WorkspaceOption = None,
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
+
+
+def _announce(promotion, rollback: bool = False) -> None:
+    """With a Prefect server set, a moved champion becomes an event its notifications react to."""
+    if promotion.promoted and os.environ.get("PREFECT_API_URL"):  # no Prefect import (seconds) without a server
+        from flows.notifications import announce_champion_change
+
+        announce_champion_change(promotion, rollback=rollback)
+
+
+CronOption = Annotated[Optional[str], typer.Option(help="Cron schedule of the round (default: deployment.cron, nightly).")]
+
+
+def _require_server(command: str) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        _fail(f"flywheel {command} needs a Prefect server: start one (`flywheel ui`, or infra/compose.yaml) and set "
+              f"PREFECT_API_URL, e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
+@app.command()
+def serve(config: ConfigOption = None, workspace: WorkspaceOption = None, cron: CronOption = None,
+          limit: Annotated[Optional[int], typer.Option(min=1, help="Runs executed at once by this process.")] = None,
+          notify_url: Annotated[Optional[str], typer.Option(
+              envvar="FLYWHEEL_NOTIFY_URL", help="Webhook for failure, review and promotion notifications.")] = None,
+          ) -> None:
+    """Serve the round (on its schedule), evaluation and promotion deployments from this process until Ctrl-C."""
+    cfg, ws = _setup(config, workspace)
+    _require_server("serve")
+    from flows import deployments
+
+    if notify_url:
+        from flows.notifications import install_notifications
+
+        typer.echo("notifications: " + ", ".join(install_notifications(notify_url)))
+    try:
+        deployments.serve(cfg, str(ws.root), cron=cron, limit=limit)
+    except ValueError as error:
+        _fail(str(error).splitlines()[0])
+
+
+@app.command()
+def deploy(config: ConfigOption = None, workspace: WorkspaceOption = None, cron: CronOption = None,
+           pool: Annotated[Optional[str], typer.Option(help="Work pool (default: deployment.work_pool).")] = None,
+           notify_url: Annotated[Optional[str], typer.Option(
+               envvar="FLYWHEEL_NOTIFY_URL", help="Webhook for failure, review and promotion notifications.")] = None,
+           ) -> None:
+    """Register the round, evaluation and promotion deployments with a work pool on the Prefect server."""
+    cfg, ws = _setup(config, workspace)
+    _require_server("deploy")
+    from flows import deployments
+
+    try:
+        names = deployments.deploy(cfg, str(ws.root), cron=cron, work_pool=pool)
+    except ValueError as error:
+        _fail(str(error).splitlines()[0])
+    for name in names:
+        typer.echo(f"deployment {name}")
+    if notify_url:
+        from flows.notifications import install_notifications
+
+        typer.echo("notifications: " + ", ".join(install_notifications(notify_url)))
+    typer.echo(f"start a worker with: prefect worker start --pool {pool or cfg.deployment.work_pool}")
 
 
 def main() -> None:

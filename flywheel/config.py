@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_BASE_MODEL = "builtin:smollm2-135m-instruct"
@@ -42,8 +42,48 @@ class PromptsConfig(Section):
     seed: int = 0
 
 
+def _check_base_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+class EndpointOptions(Section):
+    """How to talk to an OpenAI-compatible server. The key itself is never stored in a recipe."""
+
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding the API key (None: no Authorization header).",
+    )
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-request timeout.")
+    retries: int = Field(2, ge=0, le=10, description="Extra attempts after a timeout, connection error, 5xx or 429.")
+    backoff_s: float = Field(1.0, ge=0, le=60, description="First retry waits this long, doubling after.")
+    max_concurrency: int = Field(4, ge=1, le=256, description="Requests in flight at once.")
+    batch_samples: bool = Field(
+        True, description="Ask for all samples of a prompt in one request (n); false for servers that answer one "
+                          "choice per request (llama.cpp server).",
+    )
+
+
+class EndpointConfig(EndpointOptions):
+    base_url: str = Field(description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(min_length=1, description="Model name the server serves.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_base_url(value)
+
+
 class GenerationConfig(Section):
-    engine: Literal["transformers"] = "transformers"
+    engine: Literal["transformers", "ctranslate2", "openai"] = "transformers"
+    compute_type: Literal["float32", "int8", "int8_float32", "bfloat16", "float16", "int8_float16"] = Field(
+        "float32", description="ctranslate2 only. float32 matches the transformers engine's greedy outputs; "
+        "int8 is faster on CPU but changes outputs.",
+    )
+    threads: int = Field(0, ge=0,
+                         description="ctranslate2 only: intra-op threads (0: every core this process can use).")
+    openai: EndpointConfig | None = Field(None, description="The 'openai' engine's server (only with that engine).")
     samples_per_prompt: int = Field(4, ge=1, le=64)
     max_new_tokens: int = Field(96, ge=1, le=4096)
     temperature: float = Field(0.8, ge=0)
@@ -51,9 +91,48 @@ class GenerationConfig(Section):
     batch_size: int = Field(32, ge=1, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    @model_validator(mode="after")
+    def _engine_endpoint(self) -> GenerationConfig:
+        if self.engine == "openai" and self.openai is None:
+            raise ValueError("engine 'openai' needs an openai section with base_url and model")
+        if self.engine != "openai" and self.openai is not None:
+            raise ValueError(f"an openai section is set but engine is {self.engine!r}: set engine: openai or drop it")
+        if self.engine != "ctranslate2" and self.compute_type != "float32":
+            raise ValueError(
+                f"compute_type {self.compute_type!r} needs engine 'ctranslate2' (engine is {self.engine!r})"
+            )
+        return self
+
+
+class TeacherConfig(EndpointOptions):
+    """The teacher judge: a local model folder, or a model served by an OpenAI-compatible endpoint."""
+
+    model: str = Field(min_length=1, description="A local model folder, or with base_url the served model's name.")
+    base_url: str | None = Field(None, description="OpenAI-compatible base URL; None: model is a local folder.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_base_url(value)
+
 
 class FeedbackConfig(Section):
-    judges: list[Literal["verifier"]] = Field(default_factory=lambda: ["verifier"], min_length=1)
+    judges: list[Literal["verifier", "self", "teacher"]] = Field(
+        default_factory=lambda: ["verifier"], min_length=1,
+        description="verifier: programmatic checks; self: the policy judges itself; teacher: another model judges.",
+    )
+    teacher: TeacherConfig | None = None
+    llm_scope: Literal["unverifiable", "all"] = Field(
+        "unverifiable", description="Rows the LLM judge decides: those the verifier cannot check, or all.",
+    )
+    votes: int = Field(1, ge=1, le=15, description="LLM judge samples per row; majority vote.")
+    allow_ties: bool = Field(False, description="Allow an even number of votes; a tie gives no verdict.")
+    judge_temperature: float = Field(0.7, ge=0, description="Sampling temperature of the votes (with votes > 1).")
+    judge_max_new_tokens: int = Field(256, ge=8, le=4096, description="Length of one critique.")
+    agreement_sample: int = Field(
+        32, ge=0, description="With llm_scope 'unverifiable': verifiable rows also judged by the LLM judge, "
+                              "only to report its agreement with the verifier.",
+    )
     strict: bool = Field(True, description="Strict verifiers; loose also accepts markdown-stripped variants.")
     chosen_must_pass: bool = Field(
         True, description="A pair's chosen sample must satisfy every constraint; off: any higher score will do."
@@ -61,23 +140,77 @@ class FeedbackConfig(Section):
     min_score_gap: float = Field(0.0, ge=0, le=1, description="Chosen must beat rejected by more than this.")
     sft_min_score: float = Field(1.0, ge=0, le=1, description="Samples at or above this score become SFT rows.")
 
+    @model_validator(mode="after")
+    def _judges(self) -> FeedbackConfig:
+        if len(set(self.judges)) != len(self.judges):
+            raise ValueError(f"judges lists a judge twice: {self.judges}")
+        if "self" in self.judges and "teacher" in self.judges:
+            raise ValueError("judges: use one LLM judge, 'self' or 'teacher', not both")
+        if "teacher" in self.judges and self.teacher is None:
+            raise ValueError("judges has 'teacher' but no teacher section (model folder, or base_url and model)")
+        if "teacher" not in self.judges and self.teacher is not None:
+            raise ValueError("a teacher section is set but 'teacher' is not in judges")
+        if "verifier" not in self.judges and self.llm_scope != "all":
+            raise ValueError("judges without 'verifier' leave every row to the LLM judge: set llm_scope: all")
+        if self.votes % 2 == 0 and not self.allow_ties:
+            raise ValueError(f"votes ({self.votes}) is even and a tie gives no verdict: use an odd number "
+                             "or set allow_ties: true")
+        if self.votes > 1 and self.judge_temperature == 0:
+            raise ValueError(f"votes ({self.votes}) with judge_temperature 0 repeats one greedy vote: "
+                             "raise judge_temperature or use votes: 1")
+        return self
+
 
 class QualityConfig(Section):
-    min_chars: int = Field(1, ge=0)
-    max_chars: int = Field(4000, ge=1)
+    """The quality gate's bounds (``flywheel/quality.py``): rows failing a row-level check are quarantined; a share
+    over its maximum, or more failed rows than ``max_failed_fraction``, stops the round. The defaults quarantine bad
+    rows without stopping a normal default round (SmolLM2-135M at temperature 0.8 and 96 new tokens: about 60% of
+    its answers reach the token limit, about 2% repeat themselves, refusals are rare)."""
+
+    min_chars: int = Field(1, ge=0, description="Fewest characters in a response, chosen, rejected or completion.")
+    max_chars: int = Field(4000, ge=1, description="Most characters in a response, chosen, rejected or completion.")
+    min_tokens: int = Field(1, ge=0, description="Fewest tokens, counted as words and punctuation marks (about 0.95 "
+                            "of SmolLM2's BPE count on its own answers).")
+    max_tokens: int = Field(1024, ge=1, description="Most tokens (same approximate count).")
+    language: str | None = Field(
+        "en", pattern=r"^[a-z]{2}$", description="Language (ISO 639-1, as langid names it) a response must be in "
+        "unless its prompt asks for another; responses too short to tell pass. null: unchecked.")
+    language_min_letters: int = Field(40, ge=1, description="Responses with fewer letters pass the language check.")
+    repetition_ngram: int = Field(4, ge=1, le=64, description="Word n-gram size of the degenerate-repetition check.")
+    repetition_max_repeats: int = Field(
+        4, ge=1, description="A response in which one word n-gram occurs more often than this is degenerate.")
+    decontamination_ngram: int = Field(
+        25, ge=1, description="A training prompt sharing this many consecutive words with an evaluation prompt is "
+        "quarantined (exact copies always are). Above the ~13 usual for free text: the builtin prompts share "
+        "instruction templates up to about 20 words; lower it for a prompt file of free-form prompts.")
+    quarantine_truncated: bool = Field(
+        False, description="Quarantine pairs whose chosen answer, and SFT rows whose completion, hit the token "
+        "limit. Off by default: the default model truncates most answers at 96 tokens, and quarantining them would "
+        "halve the training data; the share is bounded by max_truncated_share either way.")
+    max_refusal_share: float = Field(0.1, ge=0, le=1, description="The round stops when a larger share of samples "
+                                     "are refusals (\"I can't help with that\"); the default round has about 0.")
+    max_repetition_share: float = Field(0.2, ge=0, le=1, description="The round stops when a larger share of samples "
+                                        "are degenerate repetitions; the default round has about 0.02.")
+    max_truncated_share: float = Field(0.9, ge=0, le=1, description="The round stops when a larger share of samples "
+                                       "hit the token limit (generation.max_new_tokens); the default round has about 0.6.")
     max_failed_fraction: float = Field(0.2, ge=0, le=1, description="The round stops when more rows fail.")
 
     @model_validator(mode="after")
     def _bounds_ordered(self) -> QualityConfig:
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) must not exceed max_chars ({self.max_chars})")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         return self
 
 
 class ReviewConfig(Section):
     mode: Literal["auto", "required"] = "auto"
-    sample_size: int = Field(8, ge=1)
-    timeout_s: int = Field(24 * 3600, ge=1, description="How long a required review may wait before the run fails.")
+    sample_size: int = Field(8, ge=1, description="Rows shown to the reviewer, stratified by instruction type and verdict.")
+    timeout_s: int = Field(24 * 3600, ge=1, description="How long a required review waits for a decision.")
+    on_timeout: Literal["reject", "approve_if_checks_passed"] = Field(
+        "reject", description="Decision recorded (reviewer 'timeout') when nobody decided within timeout_s; "
+                              "approve_if_checks_passed approves only when no quality expectation failed.")
 
 
 class LoraConfig(Section):
@@ -98,6 +231,10 @@ class TrainingConfig(Section):
     beta: float = Field(0.1, gt=0, description="DPO temperature.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a capable GPU, else fp32.")
+    checkpoint_steps: int = Field(
+        5, ge=0, description="Save a resumable checkpoint every N optimizer steps (0: never); a killed round resumes "
+                             "training from the last complete one.",
+    )
     lora: LoraConfig = LoraConfig()
 
 
@@ -128,6 +265,44 @@ class StorageConfig(Section):
     tag_prefix: str = Field("round-", pattern=r"^[A-Za-z0-9._-]+$")
 
 
+class DeploymentConfig(Section):
+    """How `flywheel deploy` / `flywheel serve` schedule rounds on a Prefect server."""
+
+    cron: str = Field("0 2 * * *", description="When the scheduled round runs (cron; default nightly at 02:00).")
+    timezone: str = Field("UTC", description="Time zone the cron expression is read in.")
+    schedule_active: bool = Field(True, description="False: the deployment is registered with its schedule paused.")
+    work_pool: str = Field("flywheel", min_length=1, description="Work pool `flywheel deploy` registers with.")
+    round_slot_timeout_s: int | None = Field(
+        None, ge=1, description="How long a round waits for the model's round slot (None: as long as it takes).",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        from datetime import datetime
+
+        try:
+            from cronsim import CronSim, CronSimError
+        except ImportError:  # cronsim comes with Prefect; without it the server checks the expression
+            return value
+        try:
+            CronSim(value, datetime.now())
+        except CronSimError as error:
+            raise ValueError(f"invalid cron expression {value!r} ({error})") from None
+        return value
+
+
 class FlywheelConfig(Section):
     """One round's recipe. The same object renders as the flow-run form in the Prefect UI."""
 
@@ -143,6 +318,7 @@ class FlywheelConfig(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     promotion: PromotionConfig = PromotionConfig()
     storage: StorageConfig = StorageConfig()
+    deployment: DeploymentConfig = DeploymentConfig()
 
     @model_validator(mode="after")
     def _combinations(self) -> FlywheelConfig:
@@ -162,7 +338,9 @@ class FlywheelConfig(Section):
 
     def config_hash(self) -> str:
         """Stable hash of the recipe's content, recorded next to every artifact it produces."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # Scheduling does not change what a round produces, so it stays out of the hash.
+        recipe = self.model_dump(mode="json", exclude={"deployment"})
+        canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -174,7 +352,7 @@ def _format_validation_error(source: str, error: ValidationError) -> str:
     problems = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         elif "input" in item and item["type"] != "missing" and not isinstance(item["input"], dict):
@@ -233,6 +411,11 @@ def check_paths(config: FlywheelConfig, source: str, base_dir: Path) -> None:
         model_dir = resolve(base, base_dir)
         if not model_dir.is_dir():
             raise ConfigError(f"{source}: model.base: model folder not found: {model_dir}")
+    teacher = config.feedback.teacher
+    if teacher is not None and teacher.base_url is None and _looks_like_path(teacher.model):
+        teacher_dir = resolve(teacher.model, base_dir)
+        if not teacher_dir.is_dir():
+            raise ConfigError(f"{source}: feedback.teacher.model: model folder not found: {teacher_dir}")
 
 
 def _looks_like_path(value: str) -> bool:

@@ -20,12 +20,13 @@ TABLES = ("samples", "pairs", "sft")
 def build_pairs(samples, config: FeedbackConfig):
     """One pair per prompt: its best sample as chosen, its worst as rejected, when they differ enough.
 
-    A prompt whose samples all pass (or all fail) teaches no preference and yields no pair.
+    A prompt whose samples all pass (or all fail) teaches no preference and yields no pair. Samples no judge gave a
+    verdict are left out.
     """
     import pandas as pd
 
     rows = []
-    for prompt_id, group in samples.groupby("prompt_id", sort=True):
+    for prompt_id, group in _with_verdict(samples).groupby("prompt_id", sort=True):
         ranked = group.sort_values(["score", "sample_index"], ascending=[False, True])
         best, worst = ranked.iloc[0], ranked.iloc[-1]
         if config.chosen_must_pass and not best["passed"]:
@@ -47,9 +48,10 @@ def build_pairs(samples, config: FeedbackConfig):
 
 
 def build_sft(samples, config: FeedbackConfig):
-    """Every distinct sample that meets the score bar is an SFT target for its prompt."""
+    """Every distinct sample that meets the score bar is an SFT target for its prompt (never one without a verdict)."""
     import pandas as pd
 
+    samples = _with_verdict(samples)
     accepted = samples[samples["score"] >= config.sft_min_score]
     accepted = accepted.assign(_key=accepted["response"].str.strip()).drop_duplicates(["prompt_id", "_key"])
     rows = [
@@ -63,6 +65,11 @@ def build_sft(samples, config: FeedbackConfig):
         for r in accepted.itertuples()
     ]
     return pd.DataFrame(rows, columns=SFT_COLUMNS)
+
+
+def _with_verdict(samples):
+    # "verdict" is "none" where the deciding judge gave no verdict (see flywheel.feedback); older tables lack it.
+    return samples[samples["verdict"] != "none"] if "verdict" in samples.columns else samples
 
 
 class DatasetManifest(BaseModel):
@@ -85,9 +92,13 @@ def write_parquet(frame, path: Path) -> str:
     try:
         frame.to_parquet(tmp, index=False)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         # A failed write must not leave a stray file in a folder DVC versions and the manifest lists.
         Path(tmp).unlink(missing_ok=True)
+        from flywheel.preflight import disk_full, is_disk_full
+
+        if is_disk_full(error):
+            raise disk_full(path) from error
         raise
     return file_sha256(path)
 

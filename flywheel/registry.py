@@ -53,6 +53,10 @@ def experiment_id(tracking_uri: str, name: str, artifact_root: Path) -> str:
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
+    if tracking_uri.startswith(("http://", "https://")):
+        # A tracking server decides where artifacts live (its --default-artifact-root or proxied
+        # --artifacts-destination, e.g. s3://...): a client-side folder would be invisible to other machines.
+        return mlflow_client.create_experiment(name)
     artifact_root.mkdir(parents=True, exist_ok=True)
     return mlflow_client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
 
@@ -139,7 +143,15 @@ def register_model_dir(
 
 def materialize(tracking_uri: str, info: VersionInfo, store: Path) -> Path:
     """A registered version's weights as a verified local folder (downloaded once into the model store)."""
-    from flywheel.models import METADATA_FILE, ModelError, check_model_dir, model_sha256, verify_model, write_metadata
+    from flywheel.models import (
+        METADATA_FILE,
+        ModelError,
+        check_model_dir,
+        model_sha256,
+        replace_dir,
+        verify_model,
+        write_metadata,
+    )
 
     target = Path(store) / info.name / f"v{info.version}"
     expected = info.tags.get(f"{TAG}model_sha256")
@@ -160,18 +172,23 @@ def materialize(tracking_uri: str, info: VersionInfo, store: Path) -> Path:
         if expected and actual != expected:
             raise ModelError(f"version {info.version}: downloaded sha256 {actual[:12]} != registered {expected[:12]}")
         write_metadata(downloaded, source=f"models:/{info.name}/{info.version}")
-        if target.exists():
-            shutil.rmtree(target)
-        downloaded.rename(target)
+        replace_dir(downloaded, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def set_champion(tracking_uri: str, name: str, version: str, *, reason: str, actor: str) -> Promotion:
-    """Move ``champion`` to ``version``, remembering the one it replaces so rollback is one step."""
+def set_champion(tracking_uri: str, name: str, version: str, *, reason: str, actor: str,
+                 store: Path | None = None) -> Promotion:
+    """Move ``champion`` to ``version``, remembering the one it replaces so rollback is one step.
+
+    With ``store``, the version's weights are fetched and verified first: the alias only ever moves, in one registry
+    call, onto a version that is complete and loadable.
+    """
     mlflow_client = client(tracking_uri)
     target = get_version(tracking_uri, name, version)
+    if store is not None:
+        materialize(tracking_uri, target, store)
     current = find_version(tracking_uri, name, CHAMPION)
     if current is not None and current.version == target.version:
         return Promotion(name=name, version=target.version, previous=current.version, promoted=False,
@@ -187,13 +204,15 @@ def set_champion(tracking_uri: str, name: str, version: str, *, reason: str, act
                      promoted=True, reason=reason)
 
 
-def rollback(tracking_uri: str, name: str, *, reason: str, actor: str) -> Promotion:
+def rollback(tracking_uri: str, name: str, *, reason: str, actor: str, store: Path | None = None) -> Promotion:
     """Move ``champion`` back to the version it replaced; the demoted version keeps its data and a record why."""
     mlflow_client = client(tracking_uri)
     current = get_version(tracking_uri, name, CHAMPION)
     previous = current.tags.get(f"{TAG}promoted_over")
     if not previous:
         raise RegistryError(f"champion version {current.version} replaced no earlier champion: nothing to roll back to")
+    if store is not None:
+        materialize(tracking_uri, get_version(tracking_uri, name, previous), store)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     mlflow_client.set_model_version_tag(name, current.version, f"{TAG}rolled_back_at", now)
     mlflow_client.set_model_version_tag(name, current.version, f"{TAG}rolled_back_by", actor)

@@ -67,8 +67,12 @@ class Generations(Frozen):
 class JudgedSamples(Frozen):
     path: str
     rows: int
-    pass_rate: float
+    pass_rate: float  # over the rows with a verdict
     mean_score: float
+    judges: list[str] = ["verifier"]
+    no_verdict: int = 0  # rows left without a verdict: kept in the table, never training data
+    agreement: float | None = None  # LLM judge vs verifier on rows both judged; None when no LLM judge ran
+    agreement_rows: int = 0
 
 
 class RoundData(Frozen):
@@ -117,8 +121,10 @@ class RoundRecord(Frozen):
 # --- workspace and champion -------------------------------------------------------------------------------------
 
 def prepare_workspace(config: FlywheelConfig, workspace: Workspace) -> Workspace:
+    from flywheel.preflight import preflight
     from flywheel.versioning import ensure_repository
 
+    preflight(config, workspace)  # bad input or unusable storage fails here, before anything is written
     ensure_repository(workspace.root, workspace.dvc_remote)
     for folder in (workspace.models, workspace.records, workspace.rounds_data):
         folder.mkdir(parents=True, exist_ok=True)
@@ -130,6 +136,10 @@ def resolve_champion(config: FlywheelConfig, workspace: Workspace) -> Champion:
     name = config.model.registered_name
     uri = workspace.tracking_uri
     current = registry.find_version(uri, name, registry.CHAMPION)
+    if current is None:
+        current = _interrupted_base_registration(uri, name)
+        if current is not None:
+            registry.client(uri).set_registered_model_alias(name, registry.CHAMPION, current.version)
     if current is None:
         if registry.list_versions(uri, name):
             raise ModelError(f"registered model {name!r} has versions but no {registry.CHAMPION!r} alias: "
@@ -152,6 +162,14 @@ def resolve_champion(config: FlywheelConfig, workspace: Workspace) -> Champion:
     return Champion(version=current.version, path=str(path), sha256=current.tags.get(f"{registry.TAG}model_sha256", ""))
 
 
+def _interrupted_base_registration(uri: str, name: str) -> registry.VersionInfo | None:
+    """A base version registered by a first round that died before setting ``champion`` on it."""
+    versions = registry.list_versions(uri, name)
+    if len(versions) == 1 and versions[0].tags.get(f"{registry.TAG}round") == "0":
+        return versions[0]
+    return None
+
+
 def next_round_number(workspace: Workspace) -> int:
     """One past the last finished round: an unfinished round is resumed under its own number."""
     prefix = workspace.tag_prefix
@@ -166,11 +184,14 @@ def open_round(config: FlywheelConfig, workspace: Workspace, champion: Champion,
     uri = workspace.tracking_uri
     experiment = registry.experiment_id(uri, f"flywheel/{config.model.registered_name}", workspace.mlflow_artifacts)
     mlflow_client = registry.client(uri)
-    existing = mlflow_client.search_runs(
-        [experiment], filter_string=f"tags.`{registry.TAG}round` = '{number}' and attributes.status = 'RUNNING'"
-    )
+    # A resumed round keeps its run (and the metrics its finished stages logged); a failed attempt's run reopens.
+    existing = [run for run in mlflow_client.search_runs(
+        [experiment], filter_string=f"tags.`{registry.TAG}round` = '{number}'", order_by=["attributes.start_time DESC"]
+    ) if run.info.status != "FINISHED"]
     if existing:
         run_id = existing[0].info.run_id
+        if existing[0].info.status != "RUNNING":
+            mlflow_client.update_run(run_id, status="RUNNING")
     else:
         run = mlflow_client.create_run(experiment, run_name=name, tags={
             f"{registry.TAG}round": str(number),
@@ -242,11 +263,19 @@ def generate_samples(config: FlywheelConfig, context: RoundContext, split: Promp
 
     prompts = load_prompts(Path(split.train_path))
     gen = config.generation
-    engine = make_engine(gen.engine, Path(context.champion.path), resolve_device(gen.device), gen.batch_size)
+    engine = make_engine(gen.engine, Path(context.champion.path), resolve_device(gen.device), gen.batch_size,
+                         endpoint=gen.openai, **_engine_options(config, Path(context.work_dir)))
     params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                             seed=config.seed * 10_000 + context.number)
+    from flywheel.faults import fault_point
+
+    def advance(done: int) -> None:
+        if progress:
+            progress(done)
+        fault_point("during:generate")
+
     started = time.perf_counter()
-    completions = engine.generate([user_request(p.prompt) for p in prompts], gen.samples_per_prompt, params, progress)
+    completions = engine.generate([user_request(p.prompt) for p in prompts], gen.samples_per_prompt, params, advance)
     seconds = time.perf_counter() - started
     import pandas as pd
 
@@ -258,18 +287,38 @@ def generate_samples(config: FlywheelConfig, context: RoundContext, split: Promp
 
 
 def judge_samples(config: FlywheelConfig, context: RoundContext, split: PromptSplit,
-                  generations: Generations) -> JudgedSamples:
-    from flywheel.feedback import judge_with_verifiers
+                  generations: Generations, base_dir: Path | None = None) -> JudgedSamples:
+    """The recipe's judges score every sample (see ``flywheel.feedback.judge_table``). A judge that leaves more
+    rows without a verdict than ``quality.max_failed_fraction`` stops the round before anything is written.
+    ``base_dir``: where a relative local teacher folder is found (the workspace root; default: the current one)."""
+    from flywheel.feedback import check_verdicts, judge_table
     from flywheel.generation import Completion
+    from flywheel.judges import build_llm_judge
+    from flywheel.models import resolve_device
     from flywheel.prompts import load_prompts
 
     prompts = load_prompts(Path(split.train_path))
     completions = [Completion(**row) for row in read_table(Path(generations.path)).to_dict(orient="records")]
-    judged = judge_with_verifiers(prompts, completions, strict=config.feedback.strict)
+    feedback = config.feedback
+    llm = build_llm_judge(config, Path(context.champion.path), base_dir or Path.cwd(),
+                          device=resolve_device(config.generation.device),
+                          engine_options=_engine_options(config, Path(context.work_dir)))
+    try:
+        result = judge_table(prompts, completions, strict=feedback.strict, llm=llm,
+                             verifier_decides="verifier" in feedback.judges, llm_scope=feedback.llm_scope,
+                             agreement_sample=feedback.agreement_sample, seed=config.seed * 10_000 + context.number)
+    finally:
+        if llm is not None:
+            llm.close()
+    check_verdicts(result, config.quality.max_failed_fraction, llm)
+    judged = result.frame
+    decided = judged[judged["verdict"] != "none"]
     path = Path(context.work_dir) / "samples.parquet"
     write_parquet(judged, path)
-    return JudgedSamples(path=str(path), rows=len(judged), pass_rate=float(judged["passed"].mean()),
-                         mean_score=float(judged["score"].mean()))
+    return JudgedSamples(path=str(path), rows=len(judged), pass_rate=float(decided["passed"].mean()),
+                         mean_score=float(decided["score"].mean()), judges=list(feedback.judges),
+                         no_verdict=result.no_verdict, agreement=result.agreement,
+                         agreement_rows=result.agreement_rows)
 
 
 def build_round_data(config: FlywheelConfig, context: RoundContext, judged: JudgedSamples) -> RoundData:
@@ -295,9 +344,11 @@ def quality_gate(config: FlywheelConfig, workspace: Workspace, context: RoundCon
     tables = {"samples": read_table(Path(data.samples_path)), "pairs": read_table(Path(data.pairs_path)),
               "sft": read_table(Path(data.sft_path))}
     eval_texts = [p.prompt for p in load_prompts(Path(split.eval_path))]
-    outcome = run_quality_gate(workspace.gx_root, tables, eval_prompts=eval_texts,
-                               min_chars=config.quality.min_chars, max_chars=config.quality.max_chars,
-                               max_failed_fraction=config.quality.max_failed_fraction)
+    languages = {p.id: c.args["language"] for p in load_prompts(Path(split.train_path))
+                 for c in p.constraints if c.type == "response_language"}
+    outcome = run_quality_gate(workspace.gx_root, tables, eval_prompts=eval_texts, settings=config.quality,
+                               expected_languages=languages, run_name=context.name,
+                               docs_dir=Path(context.work_dir) / "data_docs")
     data_dir = Path(context.data_dir)
     paths = {name: data_dir / f"{name}.parquet" for name in tables}
     for name, frame in outcome.clean.items():
@@ -305,7 +356,12 @@ def quality_gate(config: FlywheelConfig, workspace: Workspace, context: RoundCon
     quarantine_path = data_dir / "quarantine.parquet"
     write_parquet(outcome.quarantine if len(outcome.quarantine) else pd.DataFrame(
         columns=["table", "row_id", "reasons", "row_json"]), quarantine_path)
-    write_json(outcome.report.model_dump(mode="json"), data_dir / "quality.json")
+    # The dataset's copy leaves out where and when GX ran (absolute paths, result ids): the same rows must hash the
+    # same in any workspace, so a round re-run from its tag reproduces its DVC hash.
+    write_json(outcome.report.model_dump(mode="json", exclude={
+        "validation_result_ids": True, "data_docs_path": True, "context_root": True,
+        "tables": {"__all__": {"validation_result_id"}},
+    }), data_dir / "quality.json")
     clean = RoundData(samples_path=str(paths["samples"]), pairs_path=str(paths["pairs"]), sft_path=str(paths["sft"]),
                       samples=len(outcome.clean["samples"]), pairs=len(outcome.clean["pairs"]),
                       sft=len(outcome.clean["sft"]))
@@ -319,6 +375,9 @@ def log_quality_artifacts(workspace: Workspace, context: RoundContext, result: Q
     data_dir = Path(context.data_dir)
     for name in ("quality.json", "quarantine.parquet"):
         mlflow_client.log_artifact(context.run_id, str(data_dir / name), artifact_path="quality")
+    if result.report.data_docs_path:  # the round's Data Docs folder (offline HTML), browsable in MLflow's UI
+        mlflow_client.log_artifacts(context.run_id, str(Path(result.report.data_docs_path).parent),
+                                    artifact_path="data_docs")
 
 
 def training_table(config: FlywheelConfig) -> str:
@@ -337,16 +396,28 @@ def apply_review(config: FlywheelConfig, context: RoundContext, quality: Quality
         table_name = training_table(config)
         path = Path(getattr(quality.clean, f"{table_name}_path"))
         table = read_table(path)
-        check_drop_ids(decision.dropped_ids, set(table["row_id"]))
-        dropped = table[table["row_id"].isin(decision.dropped_ids)]
         reason = f"dropped by reviewer {decision.reviewer}" + (f": {decision.notes}" if decision.notes else "")
         quarantine = read_table(Path(quality.quarantine_path))
+        # A re-applied decision (a resumed round) finds its rows already moved: never quarantine them twice.
+        already = set(quarantine.loc[quarantine["reasons"] == reason, "row_id"])
+        check_drop_ids(decision.dropped_ids, set(table["row_id"]) | already)
+        dropped = table[table["row_id"].isin(decision.dropped_ids) & ~table["row_id"].isin(already)]
         extra = pd.DataFrame({"table": table_name, "row_id": dropped["row_id"], "reasons": reason,
                               "row_json": [json.dumps(r, default=str) for r in dropped.to_dict(orient="records")]})
         write_parquet(pd.concat([quarantine, extra], ignore_index=True), Path(quality.quarantine_path))
         write_parquet(table[~table["row_id"].isin(decision.dropped_ids)].reset_index(drop=True), path)
-    write_json(decision.model_dump(mode="json"), data_dir / "review.json")
+    # The dataset copy leaves out when it was decided (kept in the round record and MLflow): a re-run with the same
+    # decision versions the same bytes.
+    write_json(decision.data_record(), data_dir / "review.json")
     return decision
+
+
+def tag_review(workspace: Workspace, context: RoundContext, decision: ReviewDecision) -> None:
+    """The decision as ``flywheel.review.*`` tags on the round's MLflow run: who, when, what, which rows were seen."""
+    from mlflow.entities import RunTag
+
+    tags = decision.mlflow_tags(registry.TAG)
+    registry.client(workspace.tracking_uri).log_batch(context.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def write_dataset_manifest(config: FlywheelConfig, context: RoundContext, split: PromptSplit) -> DatasetManifest:
@@ -382,9 +453,16 @@ def train_candidate(config: FlywheelConfig, workspace: Workspace, context: Round
         log_metrics(workspace, context.run_id, {f"train.{k}": v for k, v in metrics.items()}, step)
 
     return train(Path(context.champion.path), table.to_dict(orient="records"), config.training, output,
-                 seed=config.seed, metrics=sink,
+                 seed=config.seed, metrics=sink, checkpoint_dir=Path(context.work_dir) / "checkpoints",
                  metadata={"round": context.number, "parent_version": context.champion.version,
                            "dataset_md5": dataset.dvc_md5})
+
+
+def _engine_options(config: FlywheelConfig, work_dir: Path) -> dict:
+    """The ctranslate2 engine's settings; converted models are cached in the workspace's state dir (work_dir is
+    ``<state>/work/round-NNNN``), next to the model store, keyed by each model's sha256."""
+    gen = config.generation
+    return {"compute_type": gen.compute_type, "threads": gen.threads, "cache_dir": work_dir.parents[1] / "ctranslate2"}
 
 
 def _greedy_eval(config: FlywheelConfig, model_dir: Path, split: PromptSplit, progress: Progress | None):
@@ -395,10 +473,31 @@ def _greedy_eval(config: FlywheelConfig, model_dir: Path, split: PromptSplit, pr
 
     prompts = load_prompts(Path(split.eval_path))
     ev = config.evaluation
-    engine = make_engine(config.generation.engine, model_dir, resolve_device(config.generation.device), ev.batch_size)
+    # Evaluation scores local model folders (the fresh candidate above all), which an endpoint does not serve.
+    engine_name = "transformers" if config.generation.engine == "openai" else config.generation.engine
+    engine = make_engine(engine_name, model_dir, resolve_device(config.generation.device), ev.batch_size,
+                         **_engine_options(config, Path(split.eval_path).parent))
     completions = engine.generate([user_request(p.prompt) for p in prompts], 1,
                                   SamplingParams(max_new_tokens=ev.max_new_tokens), progress)
     return judge_with_verifiers(prompts, completions, strict=ev.strict)
+
+
+def check_evaluation_tables(config: FlywheelConfig, workspace: Workspace, context: RoundContext, tables: dict) -> None:
+    """The evaluation results go through the ``flywheel_evaluation`` suite (into the round's Data Docs); they are
+    never filtered (that would bias the comparison): any failed check stops the round, naming it."""
+    from flywheel.quality import enforce, run_quality_gate
+
+    work = Path(context.work_dir)
+    checked = run_quality_gate(workspace.gx_root, tables, eval_prompts=[],
+                               settings=config.quality.model_copy(update={"max_failed_fraction": 0.0}),
+                               run_name=f"{context.name}-evaluation", docs_dir=work / "data_docs")
+    write_json(checked.report.model_dump(mode="json"), work / "evaluation_quality.json")
+    if len(checked.quarantine):
+        write_parquet(checked.quarantine, work / "evaluation_failed_rows.parquet")
+    if checked.report.data_docs_path:
+        registry.client(workspace.tracking_uri).log_artifacts(
+            context.run_id, str(Path(checked.report.data_docs_path).parent), artifact_path="data_docs")
+    enforce(checked.report)
 
 
 def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: RoundContext, split: PromptSplit,
@@ -428,6 +527,7 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
     work = Path(context.work_dir)
     write_parquet(candidate, work / "eval_candidate.parquet")
     write_parquet(champion, work / "eval_champion.parquet")
+    check_evaluation_tables(config, workspace, context, {"eval_candidate": candidate, "eval_champion": champion})
     evaluation = compare(candidate, champion).model_copy(update={
         "candidate_perplexity": perplexity(Path(trained.path), device=device),
         "champion_perplexity": champion_perplexity,
@@ -470,6 +570,10 @@ def register_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
         mlflow_client = registry.client(uri)
         for key in ("round_tag", "dataset_md5", "git_commit"):
             mlflow_client.set_tag(context.run_id, f"{registry.TAG}{key}", tags[f"{registry.TAG}{key}"])
+    elif registry.CANDIDATE not in existing.aliases:
+        # Registered by an attempt killed before it set the alias: finish that registration, never make a second.
+        registry.client(uri).set_registered_model_alias(name, registry.CANDIDATE, existing.version)
+        existing = registry.get_version(uri, name, existing.version)
     return Registration(version=existing.version, aliases=existing.aliases, run_id=context.run_id)
 
 
@@ -478,6 +582,9 @@ def decide_promotion(config: FlywheelConfig, workspace: Workspace, registration:
     from flywheel.evaluation import promotion_verdict
 
     name, policy = config.model.registered_name, config.promotion
+    done = _finished_promotion(workspace, name, registration.version)
+    if done is not None:
+        return done
     ok, reasons = promotion_verdict(
         evaluation, decision.approved and decision.mode == "human", min_gain=policy.min_gain,
         max_type_regression=policy.max_type_regression, max_perplexity_increase=policy.max_perplexity_increase,
@@ -493,6 +600,15 @@ def decide_promotion(config: FlywheelConfig, workspace: Workspace, registration:
                                      reason=summary)
     return registry.Promotion(name=name, version=registration.version, previous=None, promoted=False,
                               reason=f"{summary}: champion unchanged")
+
+
+def _finished_promotion(workspace: Workspace, name: str, version: str) -> registry.Promotion | None:
+    """The promotion an earlier attempt of this round made before it was killed, read back from the registry."""
+    current = registry.find_version(workspace.tracking_uri, name, registry.CHAMPION)
+    if current is None or current.version != version or f"{registry.TAG}promoted_at" not in current.tags:
+        return None
+    return registry.Promotion(name=name, version=version, previous=current.tags.get(f"{registry.TAG}promoted_over"),
+                              promoted=True, reason=current.tags.get(f"{registry.TAG}promotion_reason", ""))
 
 
 def write_round_record(workspace: Workspace, record: RoundRecord) -> Path:
@@ -513,6 +629,8 @@ def close_round(workspace: Workspace, context: RoundContext, record: RoundRecord
         "generate.seconds": record.generations.seconds,
         "judge.pass_rate": record.judged.pass_rate,
         "judge.mean_score": record.judged.mean_score,
+        "judge.no_verdict": record.judged.no_verdict,
+        **({"judge.agreement": record.judged.agreement} if record.judged.agreement is not None else {}),
         "data.pairs": record.quality.clean.pairs,
         "data.sft_rows": record.quality.clean.sft,
     })

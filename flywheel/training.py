@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -11,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from flywheel.config import TrainingConfig
-from flywheel.models import resolve_device, save_model
+from flywheel.models import atomic_write_text, resolve_device, save_model
 
 
 class TrainingError(RuntimeError):
@@ -59,6 +61,42 @@ def _metrics_callback(sink: MetricSink):
     return StepMetrics()
 
 
+COMPLETE_MARKER = "flywheel-complete"
+
+
+def _checkpoint_callback():
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        """The trainer writes a checkpoint file by file; mark it only once all of it is on disk."""
+
+        def on_save(self, args, state, control, **kwargs):
+            from flywheel.faults import fault_point
+
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                for path in folder.rglob("*"):
+                    if path.is_file():
+                        with path.open("rb") as handle:
+                            os.fsync(handle.fileno())
+                atomic_write_text(folder / COMPLETE_MARKER, str(state.global_step))
+            fault_point("during:train")
+
+    return MarkComplete()
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that was completely written; half-written ones (a kill mid-save) are removed."""
+    if not folder.is_dir():
+        return None
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    complete = [p for p in found if (p / COMPLETE_MARKER).is_file()]
+    for partial in (p for p in found if p not in complete):
+        shutil.rmtree(partial)
+    return complete[-1] if complete else None
+
+
 def train(
     base_dir: Path,
     rows: list[dict],
@@ -68,10 +106,13 @@ def train(
     seed: int = 0,
     metrics: MetricSink | None = None,
     metadata: dict | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> TrainedModel:
     """Fine-tune the model in ``base_dir`` on ``rows`` and save the full (merged) model to ``output_dir``.
 
-    DPO rows have ``prompt``, ``chosen``, ``rejected``; SFT rows have ``prompt``, ``completion``.
+    DPO rows have ``prompt``, ``chosen``, ``rejected``; SFT rows have ``prompt``, ``completion``. With
+    ``checkpoint_dir``, a checkpoint is saved every ``config.checkpoint_steps`` steps and a re-run resumes from the
+    last complete one; the checkpoints are removed once the model is saved.
     """
     import torch
     from datasets import Dataset
@@ -95,7 +136,9 @@ def train(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_length=config.max_length,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if checkpoint_dir and config.checkpoint_steps else "no",
+        save_steps=config.checkpoint_steps or 500,
+        save_total_limit=1,
         report_to="none",
         seed=seed,
         bf16=precision == "bf16",
@@ -112,8 +155,14 @@ def train(
             target_modules="all-linear", task_type="CAUSAL_LM",
         )
     callbacks = [_metrics_callback(metrics)] if metrics else []
+    resume_from = None
+    if checkpoint_dir is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        callbacks.append(_checkpoint_callback())
+        resume_from = last_complete_checkpoint(checkpoint_dir)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="flywheel-train-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="flywheel-train-") as tmp:
+        scratch = str(checkpoint_dir) if checkpoint_dir is not None else tmp
         if config.method == "dpo":
             from trl import DPOConfig, DPOTrainer
 
@@ -136,7 +185,7 @@ def train(
                 f"all {len(rows)} training rows were longer than training.max_length={config.max_length} tokens "
                 "and were dropped: raise max_length or shorten prompts"
             )
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
     trained = trainer.model
     if config.lora.enabled:
@@ -148,6 +197,8 @@ def train(
     if moved == 0:
         raise TrainingError("training finished but no parameter changed: check learning_rate and the data")
     ref = save_model(trained, tokenizer, output_dir, source=f"trained:{config.method}", **(metadata or {}))
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the saved model supersedes them (GBs each)
     return TrainedModel(
         path=ref.path, sha256=ref.sha256, method=config.method, rows=len(rows), rows_used=usable, steps=result.global_step,
         train_loss=float(result.training_loss), seconds=seconds, device=device, precision=precision,

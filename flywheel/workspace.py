@@ -7,8 +7,12 @@ git-ignored state folder.
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from flywheel.config import FlywheelConfig, resolve
@@ -27,6 +31,8 @@ class Workspace:
         root = Path(root or os.environ.get("FLYWHEEL_WORKSPACE") or Path.cwd()).resolve()
         state = resolve(config.storage.state_dir, root).resolve()
         remote = config.storage.dvc_remote
+        if os.environ.get("FLYWHEEL_DVC_REMOTE") and remote == type(config.storage)().dvc_remote:
+            remote = os.environ["FLYWHEEL_DVC_REMOTE"]  # replaces the default folder, never a remote a recipe chose
         if "://" not in remote:
             remote = str(resolve(remote, root).resolve())
         tracking = config.storage.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -95,3 +101,33 @@ def activate(workspace: Workspace) -> None:
     os.environ.setdefault("PREFECT_HOME", str(workspace.prefect_home))
     os.environ["MLFLOW_TRACKING_URI"] = workspace.tracking_uri
     os.environ["FLYWHEEL_WORKSPACE"] = str(workspace.root)
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another round holds the workspace: two rounds must never train from the same champion at once."""
+
+
+@contextmanager
+def round_lock(workspace: Workspace, wait: bool = False) -> Iterator[None]:
+    """Hold the workspace's round lock for the duration of a round.
+
+    An OS file lock, so a killed round releases it with its process and a crash never leaves the workspace locked.
+    """
+    workspace.state.mkdir(parents=True, exist_ok=True)
+    path = workspace.state / "round.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = path.read_text().strip() or "unknown process"
+            raise WorkspaceBusy(
+                f"{workspace.root}: another flywheel round is running in this workspace ({holder}); "
+                "wait for it to finish or run with --wait"
+            ) from None
+        os.ftruncate(fd, 0)
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        os.write(fd, f"pid {os.getpid()} since {stamp}".encode())
+        yield
+    finally:
+        os.close(fd)

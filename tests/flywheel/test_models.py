@@ -1,3 +1,4 @@
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -93,7 +94,10 @@ def test_save_model_writes_metadata_and_verifies(tiny_model_dir, tmp_path):
     ref = save_model(model, tokenizer, target, source="test", round=3)
     assert Path(ref.path) == target and ref.source == "test"
     meta = read_metadata(target)
+    files = meta.pop("files")
     assert meta == {"sha256": ref.sha256, "source": "test", "round": 3}
+    assert set(files) == {p.name for p in target.iterdir() if p.name != METADATA_FILE}
+    assert files["model.safetensors"] == hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest()
     assert ref.sha256 == model_sha256(target)
     assert verify_model(target) == ref
     # Staged then renamed: nothing else is left beside the target.
@@ -110,10 +114,37 @@ def test_verify_model_refuses_a_tampered_weight_file(model_copy):
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
-    with pytest.raises(ModelError, match="checksum mismatch") as caught:
+    with pytest.raises(ModelError, match="model.safetensors does not match its recorded checksum") as caught:
         verify_model(model_copy)
     assert str(model_copy) in str(caught.value)
-    assert recorded.sha256[:12] in str(caught.value)
+
+
+def test_verify_model_names_a_swapped_tokenizer(model_copy):
+    write_metadata(model_copy, source="copy")
+    tokenizer = model_copy / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace('"<unk>"', '"<unknown>"', 1) + " ")
+    with pytest.raises(ModelError, match="tokenizer.json does not match its recorded checksum"):
+        verify_model(model_copy)
+
+
+def test_verify_model_names_a_missing_and_an_added_file(model_copy):
+    write_metadata(model_copy, source="copy")
+    (model_copy / "generation_config.json").unlink()
+    with pytest.raises(ModelError, match="generation_config.json is missing"):
+        verify_model(model_copy)
+    write_metadata(model_copy, source="copy")
+    (model_copy / "extra.bin").write_bytes(b"\0" * 8)
+    with pytest.raises(ModelError, match="extra.bin is not recorded"):
+        verify_model(model_copy)
+
+
+def test_load_model_verifies_a_recorded_folder(model_copy):
+    write_metadata(model_copy, source="copy")
+    load_model(model_copy)
+    with (model_copy / "model.safetensors").open("r+b") as handle:
+        handle.truncate(handle.seek(0, 2) - 16)  # a truncated copy, as a full disk or a killed copy leaves
+    with pytest.raises(ModelError, match="model.safetensors does not match"):
+        load_model(model_copy)
 
 
 def test_verify_model_without_metadata(model_copy):

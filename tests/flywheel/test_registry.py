@@ -189,7 +189,7 @@ def test_materialize_refuses_a_tampered_cache(uri, name, three_versions, tmp_pat
     info = registry.get_version(uri, name, "1")
     target = registry.materialize(uri, info, store)
     (target / "model.safetensors").write_bytes(b"tampered")
-    with pytest.raises(ModelError, match="checksum mismatch"):
+    with pytest.raises(ModelError, match="model.safetensors does not match its recorded checksum"):
         registry.materialize(uri, info, store)
     assert (target / METADATA_FILE).is_file()
 
@@ -200,3 +200,23 @@ def test_find_round_version(uri, name, three_versions):
     assert registry.find_round_version(uri, name, 2).version == "3"
     assert registry.find_round_version(uri, name, 5) is None
     assert registry.find_round_version(uri, "nobody", 0) is None
+
+
+def test_set_champion_refuses_a_version_whose_weights_are_damaged(uri, name, three_versions, tmp_path):
+    # The registered artifact of version 3 is truncated after registration (a half-copied artifact store, say).
+    artifact = Path(registry.get_version(uri, name, "3").source.removeprefix("file://")) / "model.safetensors"
+    artifact.write_bytes(artifact.read_bytes()[:-4])
+    with pytest.raises(ModelError, match="differs from registered|!= registered"):
+        registry.set_champion(uri, name, "3", reason="r", actor="a", store=tmp_path / "store")
+    assert registry.get_version(uri, name, CHAMPION).version == "1"  # never pointed at the damaged version
+    assert registry.set_champion(uri, name, "2", reason="r", actor="a", store=tmp_path / "store").promoted
+    assert (tmp_path / "store" / name / "v2" / METADATA_FILE).is_file()
+
+
+def test_rollback_verifies_the_version_it_returns_to(uri, name, three_versions, tmp_path):
+    registry.set_champion(uri, name, "2", reason="r", actor="a")
+    artifact = Path(registry.get_version(uri, name, "1").source.removeprefix("file://")) / "model.safetensors"
+    artifact.write_bytes(b"")
+    with pytest.raises(ModelError):
+        registry.rollback(uri, name, reason="r", actor="a", store=tmp_path / "store")
+    assert registry.get_version(uri, name, CHAMPION).version == "2"

@@ -126,3 +126,51 @@ def test_rows_longer_than_max_length_raise(tiny_model_dir, tmp_path, method):
 def test_bf16_on_cpu_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(TrainingError, match="bf16"):
         train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", precision="bf16", **FAST), tmp_path / "bf16")
+
+
+_KILLED_TRAINING = """
+import sys, json
+from pathlib import Path
+from flywheel.config import TrainingConfig
+from flywheel.training import train
+base, rows, out, checkpoints = sys.argv[1:5]
+config = TrainingConfig(method="sft", max_steps=4, checkpoint_steps=2, learning_rate=1e-3, max_length=256,
+                        batch_size=1, device="cpu")
+train(Path(base), json.loads(rows), config, Path(out), checkpoint_dir=Path(checkpoints))
+"""
+
+
+def test_training_killed_mid_run_resumes_from_its_last_complete_checkpoint(tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from flywheel.faults import FAULT_ENV
+
+    checkpoints, output = tmp_path / "checkpoints", tmp_path / "out"
+    env = {**os.environ, FAULT_ENV: "during:train", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_TRAINING, str(tiny_model_dir), json.dumps(SFT_ROWS), str(output),
+         str(checkpoints)], env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (checkpoints / "checkpoint-2" / "flywheel-complete").is_file()
+    assert not output.exists()
+    # A later checkpoint the kill interrupted half-way is not trusted.
+    (checkpoints / "checkpoint-3").mkdir()
+    (checkpoints / "checkpoint-3" / "model.safetensors").write_bytes(b"half")
+
+    sink = Sink()
+    config = TrainingConfig(method="sft", checkpoint_steps=2, **{**FAST, "max_steps": 4, "batch_size": 1})
+    trained = train(tiny_model_dir, SFT_ROWS, config, output, metrics=sink, checkpoint_dir=checkpoints)
+    assert trained.steps == 4
+    assert sink.steps_with("loss") == [3, 4]  # steps 1-2 came from the checkpoint, not trained again
+    assert verify_model(output).sha256 == trained.sha256
+    assert not checkpoints.exists()  # superseded by the saved model
+
+
+def test_training_without_checkpoint_dir_saves_no_checkpoints(tiny_model_dir, tmp_path):
+    config = TrainingConfig(method="sft", checkpoint_steps=1, **FAST)
+    train(tiny_model_dir, SFT_ROWS, config, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -22,9 +22,11 @@ def flywheel_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "flywheel.cli", *args]
 
 
-def run_cli(workspace: Path, *args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(flywheel_cmd(*args), cwd=workspace, env=cli_env(workspace), capture_output=True,
-                            text=True, timeout=timeout)
+def run_cli(workspace: Path, *args: str, timeout: int = 600, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # Its own session: a fault injected into the run kills its whole process group, never the test's.
+    result = subprocess.run(flywheel_cmd(*args), cwd=workspace, env={**cli_env(workspace), **(env or {})},
+                            capture_output=True, text=True, timeout=timeout, start_new_session=True)
     if check and result.returncode != 0:
         raise AssertionError(f"flywheel {' '.join(args)} exited {result.returncode}:\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-8000:]}")

@@ -1,37 +1,141 @@
-"""Feedback: judges score every generated sample. Judged samples are one table, one row per sample."""
+"""Feedback: judges score every generated sample. Judged samples are one table, one row per sample.
+
+The verifier goes first; an LLM judge (``self`` or ``teacher``, see ``flywheel.judges``) decides the rows the
+verifier cannot check (prompts without verifiable constraints), or every row with ``llm_scope="all"``. Wherever
+both judged a row, the table keeps both verdicts, and their agreement is the round's measure of how far the LLM
+judge can be trusted. Rows with no verdict stay in the table (``verdict == "none"``) but never become training data.
+"""
 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from flywheel.generation import Completion
+from flywheel.judges import Judge, JudgeError, JudgeVerdict, VerifierJudge
 from flywheel.prompts import Prompt
-from flywheel.verifiers import verify
 
 SAMPLE_COLUMNS = [
     "row_id", "prompt_id", "prompt", "sample_index", "response", "n_tokens", "finished", "score", "passed", "checks",
+    "judge", "verdict", "critique", "llm_verdict", "llm_critique",
 ]
+# verdict / llm_verdict values; llm_verdict is "" where no LLM judge looked at the row.
+PASS, FAIL, NONE = "pass", "fail", "none"
 
 
-def judge_with_verifiers(prompts: Sequence[Prompt], completions: Sequence[Completion], *, strict: bool = True):
-    """Programmatic verifiers: per-constraint pass/fail and the share satisfied, for every sample."""
+def verdict_label(passed: bool | None) -> str:
+    return NONE if passed is None else (PASS if passed else FAIL)
+
+
+@dataclass(frozen=True)
+class JudgedTable:
+    frame: Any  # pandas DataFrame with SAMPLE_COLUMNS
+    agreement: float | None  # share of rows judged by both where the LLM judge's verdict equals the verifier's
+    agreement_rows: int  # rows that share counts (both judges gave a verdict)
+    no_verdict: int  # rows whose deciding judge gave no verdict
+    llm_rows: int  # rows the LLM judge looked at (decided, or only for agreement)
+    llm_no_verdict: int
+
+
+def judge_table(
+    prompts: Sequence[Prompt],
+    completions: Sequence[Completion],
+    *,
+    strict: bool = True,
+    llm: Judge | None = None,
+    verifier_decides: bool = True,
+    llm_scope: Literal["unverifiable", "all"] = "unverifiable",
+    agreement_sample: int = 0,
+    seed: int = 0,
+) -> JudgedTable:
+    """Judge every completion; one row each, in the order given.
+
+    ``verifier_decides``: the verifier's verdict counts on rows it can check (``verifier`` is among the judges).
+    ``agreement_sample``: with ``llm_scope="unverifiable"``, this many verifiable rows (a seeded random choice) are
+    also judged by the LLM judge, only to measure agreement; the verifier still decides them.
+    """
     import pandas as pd
 
+    verifier = VerifierJudge(strict=strict)
+    items = [(prompts[c.request_index], c.text) for c in completions]
+    checked = verifier.judge_with_checks(items)
+    verifiable = [i for i, (prompt, _) in enumerate(items) if prompt.constraints]
+
+    decided_by_llm: set[int] = set()
+    extra: list[int] = []
+    if llm is not None:
+        if llm_scope == "all" or not verifier_decides:
+            decided_by_llm = set(range(len(items)))
+        else:
+            decided_by_llm = set(range(len(items))) - set(verifiable)
+            extra = sorted(random.Random(seed).sample(verifiable, min(agreement_sample, len(verifiable))))
+    llm_rows = sorted(decided_by_llm | set(extra))
+    llm_verdicts: dict[int, JudgeVerdict] = {}
+    if llm is not None and llm_rows:
+        verdicts = llm.judge([items[i] for i in llm_rows])
+        if len(verdicts) != len(llm_rows):
+            raise JudgeError(f"{llm.name} judge ({llm.source}): returned {len(verdicts)} verdicts "
+                             f"for {len(llm_rows)} rows")
+        llm_verdicts = dict(zip(llm_rows, verdicts))
+
     rows = []
-    for completion in completions:
-        prompt = prompts[completion.request_index]
-        verdict = verify(prompt.constraints, completion.text, strict=strict)
+    agree = both = 0
+    for i, (completion, (prompt, response)) in enumerate(zip(completions, items)):
+        by_verifier, checks = checked[i]
+        second = llm_verdicts.get(i)
+        decision = second if i in decided_by_llm and second is not None else by_verifier
+        if second is not None and second.passed is not None and by_verifier.passed is not None:
+            both += 1
+            agree += second.passed == by_verifier.passed
         rows.append({
             "row_id": f"{prompt.id}-s{completion.sample_index}",
             "prompt_id": prompt.id,
             "prompt": prompt.prompt,
             "sample_index": completion.sample_index,
-            "response": completion.text,
+            "response": response,
             "n_tokens": completion.n_tokens,
             "finished": completion.finished,
-            "score": float(verdict.score),
-            "passed": bool(verdict.passed),
-            "checks": json.dumps({c.type: ok for c, ok in zip(prompt.constraints, verdict.checks)}),
+            "score": float(decision.score),
+            "passed": decision.passed is True,
+            "checks": json.dumps({c.type: ok for c, ok in zip(prompt.constraints, checks)}),
+            "judge": decision.judge,
+            "verdict": verdict_label(decision.passed),
+            "critique": decision.critique,
+            "llm_verdict": "" if second is None else verdict_label(second.passed),
+            "llm_critique": "" if second is None else second.critique,
         })
-    return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+    frame = pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+    if frame.empty:  # keep the column types of a filled table
+        frame = frame.astype({"score": float, "passed": bool, "finished": bool})
+    return JudgedTable(
+        frame=frame,
+        agreement=agree / both if both else None,
+        agreement_rows=both,
+        no_verdict=int((frame["verdict"] == NONE).sum()),
+        llm_rows=len(llm_verdicts),
+        llm_no_verdict=sum(1 for v in llm_verdicts.values() if v.passed is None),
+    )
+
+
+def check_verdicts(judged: JudgedTable, max_no_verdict: float, llm: Judge | None = None) -> None:
+    """Stop when a judge left too many rows without a verdict (above ``max_no_verdict``), naming the judge."""
+    if llm is not None and judged.llm_rows and judged.llm_no_verdict / judged.llm_rows > max_no_verdict:
+        raise JudgeError(
+            f"{llm.name} judge ({llm.source}): no verdict for {judged.llm_no_verdict} of {judged.llm_rows} rows "
+            f"({judged.llm_no_verdict / judged.llm_rows:.0%}), above quality.max_failed_fraction {max_no_verdict:g}; "
+            "its critiques must end with a line 'VERDICT: PASS' or 'VERDICT: FAIL'"
+        )
+    rows = len(judged.frame)
+    if rows and judged.no_verdict / rows > max_no_verdict:
+        deciders = judged.frame.loc[judged.frame["verdict"] == NONE, "judge"].value_counts()
+        name = str(deciders.index[0])
+        raise JudgeError(f"{name} judge: no verdict for {judged.no_verdict} of {rows} samples "
+                         f"({judged.no_verdict / rows:.0%}), above quality.max_failed_fraction {max_no_verdict:g}")
+
+
+def judge_with_verifiers(prompts: Sequence[Prompt], completions: Sequence[Completion], *, strict: bool = True):
+    """Programmatic verifiers: per-constraint pass/fail and the share satisfied, for every sample."""
+    return judge_table(prompts, completions, strict=strict).frame

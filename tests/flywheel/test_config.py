@@ -51,6 +51,7 @@ BAD_CONFIGS = [
     ("out-of-range", _yaml({"prompts": {"eval_fraction": 1.5}}), ["prompts.eval_fraction", "1.5"]),
     ("out-of-range-negative", _yaml({"generation": {"temperature": -0.1}}), ["generation.temperature"]),
     ("bad-literal", _yaml({"training": {"method": "ppo"}}), ["training.method", "'ppo'"]),
+    ("bad-review-timeout-action", _yaml({"review": {"on_timeout": "approve"}}), ["review.on_timeout", "'approve'"]),
     ("section-not-mapping", _yaml({"generation": 5}), ["generation"]),
     ("malformed-yaml", "name: x\ngeneration:\n  batch_size: [1, 2\nfeedback: {}\n", ["malformed YAML", "line 4"]),
     ("non-mapping-yaml", "- a\n- b\n", ["mapping", "list"]),
@@ -65,6 +66,10 @@ BAD_CONFIGS = [
      ["prompts.source", "unsupported file type '.txt'"]),
     ("model-folder-missing", _yaml({"model": {"base": "./models/none"}}), ["model.base", "not found", "none"]),
     ("registered-name-pattern", _yaml({"model": {"registered_name": "bad name!"}}), ["model.registered_name"]),
+    ("compute-type-needs-ctranslate2", _yaml({"generation": {"compute_type": "int8"}}),
+     ["generation", "compute_type 'int8' needs engine 'ctranslate2'"]),
+    ("unknown-compute-type", _yaml({"generation": {"engine": "ctranslate2", "compute_type": "int4"}}),
+     ["generation.compute_type", "'int4'"]),
 ]
 
 

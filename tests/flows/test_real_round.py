@@ -28,7 +28,7 @@ def test_real_model_round(tmp_path):
         "prompts": {"per_round": 6, "eval_limit": 6},
         "generation": {"samples_per_prompt": 4, "max_new_tokens": 48, "batch_size": 24},
         "feedback": {"chosen_must_pass": False},
-        "quality": {"max_failed_fraction": 0.5},
+        "quality": {"max_failed_fraction": 0.5, "max_truncated_share": 1.0},  # 48 tokens cut most answers
         "training": {"method": "dpo", "max_steps": 2, "batch_size": 2, "learning_rate": 1e-5, "max_length": 256},
         "evaluation": {"max_new_tokens": 48, "batch_size": 6},
         "promotion": {"mode": "manual"},

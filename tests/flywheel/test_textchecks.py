@@ -1,0 +1,83 @@
+"""Tests for flywheel.textchecks: the pure scorers behind the quality gate's derived columns."""
+
+from __future__ import annotations
+
+import pytest
+
+from flywheel.textchecks import (
+    CHECKS,
+    NgramIndex,
+    TextLimits,
+    count_tokens,
+    detect_language,
+    is_refusal,
+    is_repetitive,
+    max_ngram_repeats,
+    shares_ngram,
+    wrong_language,
+)
+
+LIMITS = TextLimits(language="en", language_min_letters=40, repetition_ngram=3, repetition_max_repeats=3)
+ENGLISH = "The water cycle moves water between the oceans, the air and the land through evaporation and rain."
+RUSSIAN = "Круговорот воды переносит воду между океанами, воздухом и сушей через испарение и дожди."
+
+
+def test_count_tokens_counts_words_and_punctuation() -> None:
+    assert count_tokens("Hello, world!") == 4
+    assert count_tokens("   ") == 0
+    assert count_tokens(None) is None
+
+
+@pytest.mark.parametrize(("text", "flagged"), [
+    ("I'm sorry, but I can't help with that.", True),
+    ("I cannot assist with this request.", True),
+    ("As an AI language model, I cannot browse the internet.", True),
+    ("I must decline.", True),
+    ("Sure! Here are three tips for a good night's sleep.", False),
+    ("I can't wait to see you: bring the book I can help you carry.", False),
+    (None, False),
+])
+def test_is_refusal(text, flagged) -> None:
+    assert is_refusal(text, LIMITS) is flagged
+
+
+def test_refusal_is_looked_for_at_the_start_only() -> None:
+    late = "A long and helpful answer about bread. " * 8 + "I can't help with that."
+    assert not is_refusal(late, LIMITS)
+
+
+def test_is_repetitive() -> None:
+    assert max_ngram_repeats("the cat sat " * 4, 3) == 4
+    assert is_repetitive("the cat sat " * 4, LIMITS)
+    assert not is_repetitive("the cat sat " * 3, LIMITS)  # at the limit, not over it
+    assert not is_repetitive(ENGLISH, LIMITS)
+    assert not is_repetitive(None, LIMITS)
+
+
+def test_wrong_language() -> None:
+    assert detect_language(ENGLISH) == "en" and detect_language(RUSSIAN) == "ru"
+    assert not wrong_language(ENGLISH, LIMITS)
+    assert wrong_language(RUSSIAN, LIMITS)
+    assert not wrong_language(RUSSIAN, LIMITS.model_copy(update={"language": "ru"}))  # the prompt asked for it
+    assert not wrong_language("Круговорот воды.", LIMITS)  # too short to tell
+    assert not wrong_language(RUSSIAN, LIMITS.model_copy(update={"language": None}))  # unchecked
+    assert not wrong_language(None, LIMITS)
+
+
+def test_checks_share_one_signature() -> None:
+    for name, check in CHECKS.items():
+        assert check(None, LIMITS) is False, name
+        assert isinstance(check(ENGLISH, LIMITS), bool), name
+
+
+def test_shares_ngram() -> None:
+    index = NgramIndex.build(["Describe the water cycle in detail for a class of ten year olds.",
+                              "Name the capital of France."], 8)
+    assert shares_ngram("Kindly describe the water cycle in detail for a class of adults.", index)
+    assert not shares_ngram("Describe the water cycle for adults, in detail.", index)
+    # Shorter than n words (but at least n/2): the whole word sequence inside the other text counts.
+    assert shares_ngram("the water cycle in detail", index)
+    assert shares_ngram("Please name the capital of France, then Spain.", index)
+    assert not shares_ngram("the water", index)  # too short to mean anything
+    assert not shares_ngram("the capital of Spain", index)
+    assert not shares_ngram(None, index)

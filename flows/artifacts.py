@@ -1,0 +1,52 @@
+"""What a flywheel run shows on its Prefect page: a round's summary, results table and links."""
+
+from __future__ import annotations
+
+import re
+
+from flywheel.operations import mlflow_version_url
+from flywheel.stages import RoundRecord
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")
+
+
+def publish_round(record: RoundRecord, registered_name: str, tracking_uri: str) -> None:
+    """A round's results table and a summary with the champion and candidate versions and links."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from flywheel.cli import summary_rows
+
+    rows = summary_rows(record)
+    create_table_artifact([{"figure": k, "value": v} for k, v in rows.items()],
+                          key=artifact_key("round-results", registered_name),
+                          description=f"{record.name} of {registered_name}")
+    if record.evaluation is not None:
+        ev = record.evaluation
+        kinds = sorted(set(ev.candidate.per_type) | set(ev.champion.per_type))
+        create_table_artifact(
+            [{"instruction type": k, "champion": round(ev.champion.per_type.get(k, 0.0), 4),
+              "candidate": round(ev.candidate.per_type.get(k, 0.0), 4)} for k in kinds],
+            key=artifact_key("round-per-type", registered_name),
+            description=f"Held-out accuracy per instruction type, {record.name}")
+    lines = [f"## {registered_name} {record.name}: {record.status}", "",
+             f"- champion at start: v{record.parent_version}"]
+    links = [("champion", record.parent_version)]
+    if record.registration is not None:
+        lines.append(f"- candidate: v{record.registration.version}")
+        links.append(("candidate", record.registration.version))
+    if record.promotion is not None:
+        lines.append(f"- promotion: {'yes' if record.promotion.promoted else 'no'}: {record.promotion.reason}")
+    for label, version in links:
+        url = mlflow_version_url(tracking_uri, registered_name, version)
+        if url:
+            lines.append(f"- [{label} v{version} in MLflow]({url})")
+    data_docs = record.quality.report.data_docs_path
+    if data_docs:
+        from pathlib import Path
+
+        lines.append(f"- [Great Expectations Data Docs]({Path(data_docs).resolve().as_uri()})")
+    create_markdown_artifact("\n".join(lines) + "\n", key=artifact_key("round-summary", registered_name),
+                             description=f"{record.name} of {registered_name}")

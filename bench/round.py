@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 
 def run_round(config: Path, workspace: Path) -> float:
@@ -56,6 +59,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
     parser.add_argument("--workspace", type=Path, default=Path("/tmp/flywheel-bench-round"))
     parser.add_argument("--keep", action="store_true", help="reuse the workspace (the base model stays provisioned)")
+    parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args()
     if args.workspace.resolve() == ROOT or ROOT in args.workspace.resolve().parents:
         raise SystemExit("use a scratch workspace outside the project checkout")
@@ -63,7 +67,9 @@ def main() -> None:
         shutil.rmtree(args.workspace)
     args.workspace.mkdir(parents=True, exist_ok=True)
 
+    load_before = common.machine_load()
     wall = run_round(args.config.resolve(), args.workspace)
+    load_after = common.machine_load()
     stages, flow_seconds = stage_times(args.workspace)
     accounted = sum(seconds for _, seconds in stages)
     print(f"\nround wall time (process): {wall:8.1f} s   flow run: {flow_seconds:8.1f} s")
@@ -75,6 +81,7 @@ def main() -> None:
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     report = {"config": str(args.config), "process_seconds": wall, "flow_seconds": flow_seconds,
+              "load": {"before": load_before, "after": load_after},
               "stages": [{"stage": n, "seconds": s} for n, s in stages]}
     (out / "round.json").write_text(json.dumps(report, indent=2))
     import matplotlib
@@ -89,6 +96,13 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out / "round.png", dpi=120)
     print(f"wrote {out / 'round.json'} and {out / 'round.png'}")
+    print(f"load: before {common.load_note(load_before)}; after {common.load_note(load_after)}")
+    if not args.no_mlflow:
+        rows = [{"stage": n, "seconds": s, "share": s / flow_seconds} for n, s in stages]
+        run_id = common.log_to_mlflow("round", rows, {
+            "config": args.config.name, "load_before": load_before, "load_after": load_after,
+        }, [out / "round.json", out / "round.png"], metrics={"flow_seconds": flow_seconds, "process_seconds": wall})
+        print(f"logged MLflow run {run_id} in experiment {common.EXPERIMENT}")
 
 
 if __name__ == "__main__":

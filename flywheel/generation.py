@@ -38,6 +38,10 @@ class Request:
 Progress = Callable[[int], None]
 
 
+class EngineError(RuntimeError):
+    """A generation backend failed; the single-line message names the backend (URL, model folder) and the problem."""
+
+
 class Engine(Protocol):
     def generate(
         self, requests: Sequence[Request], samples: int, params: SamplingParams, progress: Progress | None = None
@@ -62,8 +66,7 @@ class TransformersEngine:
         self.model = load_model(model_dir, device=device, dtype=dtype).eval()
 
     def encode(self, request: Request) -> list[int]:
-        encoded = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True)
-        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        return encode_request(self.tokenizer, request)
 
     def generate(
         self, requests: Sequence[Request], samples: int, params: SamplingParams, progress: Progress | None = None
@@ -114,13 +117,23 @@ class TransformersEngine:
         return results
 
     def _eos_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        configured = getattr(self.model.generation_config, "eos_token_id", None)
-        if isinstance(configured, int):
-            ids.add(configured)
-        elif configured:
-            ids.update(configured)
-        return sorted(i for i in ids if i is not None)
+        return eos_token_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None))
+
+
+def encode_request(tokenizer, request: Request) -> list[int]:
+    """A request as the model's chat template renders it, ready for the assistant's answer (shared by engines)."""
+    encoded = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def eos_token_ids(tokenizer, configured: object) -> list[int]:
+    """The tokenizer's EOS plus the model's configured ones (an int or a list): generation stops at any of them."""
+    ids = {tokenizer.eos_token_id}
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return sorted(i for i in ids if i is not None)
 
 
 def _cut_at_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
@@ -130,7 +143,23 @@ def _cut_at_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
     return tokens, False
 
 
-def make_engine(name: str, model_dir: Path, device: str, batch_size: int) -> Engine:
+def make_engine(name: str, model_dir: Path, device: str, batch_size: int, endpoint=None, *,
+                compute_type: str = "float32", threads: int = 0, cache_dir: Path | None = None) -> Engine:
+    """``endpoint``: the ``openai`` engine's server section (``flywheel.config.EndpointConfig``); it serves its
+    own model, so ``model_dir`` is not used there. ``compute_type``, ``threads`` and ``cache_dir`` (where converted
+    models are kept; None: ``$FLYWHEEL_CT2_CACHE`` or ``~/.cache/flywheel/ctranslate2``) are the ``ctranslate2``
+    engine's."""
+    if name == "openai":
+        if endpoint is None:
+            raise ValueError("generation engine 'openai' needs an endpoint (generation.openai: base_url, model)")
+        from flywheel.openai_engine import OpenAIEngine
+
+        return OpenAIEngine.from_config(endpoint)
     if name == "transformers":
         return TransformersEngine(model_dir, device=device, batch_size=batch_size)
-    raise ValueError(f"unknown generation engine {name!r} (available: transformers)")
+    if name == "ctranslate2":
+        from flywheel.ct2_engine import CTranslate2Engine
+
+        return CTranslate2Engine(model_dir, device=device, batch_size=batch_size, compute_type=compute_type,
+                                 threads=threads, cache_dir=cache_dir)
+    raise ValueError(f"unknown generation engine {name!r} (available: transformers, ctranslate2, openai)")

@@ -52,3 +52,25 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
     model.save_pretrained(target)
     fast.save_pretrained(target)
     return target
+
+
+def build_lively_model(tiny_dir: Path, target: Path, seed: int = 1) -> Path:
+    """The tiny model with its layers re-drawn at a larger scale.
+
+    At the default init the tiny model's tied embeddings make greedy decoding repeat the prompt's last token
+    ("\\n") forever, so every greedy text is empty and a comparison of texts would prove nothing. With larger
+    layer weights the greedy continuation depends on the prompt.
+    """
+    import torch
+
+    from flywheel.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(tiny_dir), load_tokenizer(tiny_dir)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.normal_(0, 0.2)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target

@@ -1,0 +1,128 @@
+"""Helpers the benchmarks share: the real default model, a compute ceiling measured in the same run, the machine's
+load, and one way to record a table (JSON under bench/out/, and an MLflow run in the ``flywheel-bench`` experiment).
+
+MLflow goes to ``sqlite:///bench/out/mlflow.db`` (artifacts in bench/out/mlartifacts) unless MLFLOW_TRACKING_URI
+is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+EXPERIMENT = "flywheel-bench"
+
+
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct as a checksummed Hugging Face folder, provisioned once under bench/out/models."""
+    from flywheel.config import DEFAULT_BASE_MODEL
+    from flywheel.models import provision_base
+
+    return Path(provision_base(DEFAULT_BASE_MODEL, OUT / "models").path)
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters as the forward pass uses them (tied embeddings counted once: they are the output projection)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def machine_load() -> dict:
+    one, five, fifteen = os.getloadavg()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2), "cores": cores,
+            "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def load_note(load: dict) -> str:
+    busy = " (other work shares these cores: figures are lower than an idle machine gives)" \
+        if load["load_1m"] > 0.5 * load["cores"] else ""
+    return f"load average {load['load_1m']} / {load['load_5m']} / {load['load_15m']} on {load['cores']} cores{busy}"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def matmul_flops(dtype: str, size: int = 2048, seconds: float = 2.0) -> float:
+    """FLOP/s of a square matmul in torch on this process's threads: the hardware's practical ceiling."""
+    import torch
+
+    kind = getattr(torch, dtype)
+    a, b = torch.randn(size, size, dtype=kind), torch.randn(size, size, dtype=kind)
+    a @ b  # warm-up: the first call allocates and picks kernels
+    reps, started = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds:
+            return 2 * size**3 * reps / elapsed
+
+
+def ceilings() -> dict:
+    """fp32 and bf16 matmul FLOP/s. bf16 runs at a smaller size: without AVX512-BF16/AMX it is emulated and slow."""
+    flags = cpu_flags()
+    native_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    return {"fp32_flops": matmul_flops("float32"),
+            "bf16_flops": matmul_flops("bfloat16", size=2048 if native_bf16 else 512),
+            "bf16_native": native_bf16}
+
+
+def write_json(name: str, data: dict) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, default=str))
+    return path
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """``columns``: (key, header, format spec). Returns the text it printed (a Markdown table)."""
+    header = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "| " + " | ".join("---" for _ in columns) + " |"
+    body = []
+    for row in rows:
+        cells = []
+        for key, _, spec in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else (format(value, spec) if spec else str(value)))
+        body.append("| " + " | ".join(cells) + " |")
+    text = "\n".join([header, rule, *body])
+    print(text)
+    return text
+
+
+def log_to_mlflow(name: str, rows: list[dict], params: dict, files: list[Path], metrics: dict | None = None) -> str:
+    """One run in the ``flywheel-bench`` experiment: the table as a table artifact, the files, the parameters."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{OUT / 'mlflow.db'}")
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        # A local artifact root next to the database: the default (./mlruns) would land wherever the bench ran from.
+        mlflow.create_experiment(EXPERIMENT, artifact_location=(OUT / "mlartifacts").as_uri())
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name=name) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+        if rows:
+            columns = sorted({k for row in rows for k in row})
+            mlflow.log_table({c: [row.get(c) for row in rows] for c in columns}, artifact_file=f"{name}_table.json")
+        for path in files:
+            mlflow.log_artifact(str(path))
+        return run.info.run_id

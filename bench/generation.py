@@ -1,0 +1,175 @@
+"""Tokens/s of batched generation per engine and batch size on the real default model, next to a compute ceiling
+measured in the same run, and whether each engine's greedy outputs equal plain transformers generation.
+
+Each batch size answers that many prompts (greedy, one sample each, up to --new-tokens tokens) in one batch; the
+figure is generated tokens (EOS excluded) over wall time. The ceiling is matmul FLOP/s (fp32, bf16) divided by the
+FLOPs one generated token needs, 2 x parameters (prompt processing and attention over the cache are not counted, so
+no engine can reach 100%). Prints a Markdown table; writes bench/out/generation.json and bench/out/generation.png;
+logs them to MLflow (see bench/common.py).
+
+    .venv/bin/python bench/generation.py [--batch-sizes 1,2,4,8,16,32,64] [--engines transformers,ctranslate2,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
+
+# name -> (make_engine name, compute_type)
+ENGINES = {
+    "transformers": ("transformers", "float32"),
+    "ctranslate2": ("ctranslate2", "float32"),
+    "ctranslate2-int8": ("ctranslate2", "int8"),
+}
+
+
+def build(engine: str, model_dir: Path, batch_size: int, threads: int):
+    from flywheel.generation import make_engine
+
+    name, compute_type = ENGINES[engine]
+    return make_engine(name, model_dir, "cpu", batch_size, compute_type=compute_type, threads=threads,
+                       cache_dir=common.OUT / "ctranslate2")
+
+
+def timed(engine, requests, params) -> tuple[list, float]:
+    started = time.perf_counter()
+    completions = engine.generate(requests, 1, params)
+    return completions, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="0: every core this process can use")
+    parser.add_argument("--no-mlflow", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    from flywheel.ct2_engine import default_threads
+    from flywheel.generation import SamplingParams, user_request
+    from flywheel.prompts import default_prompts
+
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    engines = [e for e in args.engines.split(",") if e]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise SystemExit(f"unknown engine(s) {unknown} (available: {', '.join(ENGINES)})")
+    model_dir = common.real_model()
+    n_params = common.parameter_count(model_dir)
+    flops_per_token = 2 * n_params
+    load_before = common.machine_load()
+    print(f"model {model_dir} ({n_params / 1e6:.1f} M parameters), {threads} threads; {common.load_note(load_before)}")
+    ceiling_before = common.ceilings()
+    prompts = [user_request(p.prompt) for p in default_prompts()[: max(sizes)]]
+    params = SamplingParams(max_new_tokens=args.new_tokens)
+
+    rows, outputs, setup = [], {}, {}
+    for engine_name in engines:
+        started = time.perf_counter()
+        engine = build(engine_name, model_dir, max(sizes), threads)
+        setup[engine_name] = time.perf_counter() - started  # load (and, the first time, conversion)
+        engine.generate(prompts[:2], 1, SamplingParams(max_new_tokens=4))  # warm-up outside the timings
+        for size in sizes:
+            engine.batch_size = size
+            completions, seconds = timed(engine, prompts[:size], params)
+            tokens = sum(c.n_tokens for c in completions)
+            rows.append({"engine": engine_name, "batch_size": size, "tokens": tokens, "seconds": seconds,
+                         "tokens_per_s": tokens / seconds})
+            print(f"  {engine_name:18} batch {size:3}: {tokens:6} tokens in {seconds:7.1f} s = "
+                  f"{tokens / seconds:7.1f} tokens/s", flush=True)
+            if size == max(sizes):
+                outputs[engine_name] = completions
+        del engine
+    ceiling_after = common.ceilings()
+    load_after = common.machine_load()
+    # Load changes while the engines run: the ceiling is the mean of the measurements before and after them.
+    fp32 = (ceiling_before["fp32_flops"] + ceiling_after["fp32_flops"]) / 2
+    bf16 = (ceiling_before["bf16_flops"] + ceiling_after["bf16_flops"]) / 2
+    fp32_ceiling, bf16_ceiling = fp32 / flops_per_token, bf16 / flops_per_token
+    for row in rows:
+        row["fp32_ceiling_tokens_per_s"] = fp32_ceiling
+        row["ratio_fp32"] = row["tokens_per_s"] / fp32_ceiling
+        row["ratio_bf16"] = row["tokens_per_s"] / bf16_ceiling
+
+    identity = {}
+    reference = outputs.get("transformers")
+    for engine_name, completions in outputs.items():
+        if reference is None or engine_name == "transformers":
+            continue
+        same = sum((a.text, a.n_tokens, a.finished) == (b.text, b.n_tokens, b.finished)
+                   for a, b in zip(reference, completions))
+        identity[engine_name] = {"identical": same, "prompts": len(reference)}
+
+    print(f"\nceiling: fp32 matmul {fp32 / 1e9:.1f} GFLOP/s, bf16 matmul {bf16 / 1e9:.1f} GFLOP/s "
+          f"(bf16 {'native' if ceiling_before['bf16_native'] else 'emulated: no AVX512-BF16/AMX'}); "
+          f"{flops_per_token / 1e9:.3f} GFLOP per generated token -> fp32 ceiling {fp32_ceiling:.0f} tokens/s, "
+          f"bf16 ceiling {bf16_ceiling:.0f} tokens/s")
+    print(f"load: before {common.load_note(load_before)}; after {common.load_note(load_after)}\n")
+    table = common.print_table(rows, [
+        ("engine", "engine", ""), ("batch_size", "batch", "d"), ("tokens_per_s", "tokens/s", ".1f"),
+        ("ratio_fp32", "of fp32 ceiling", ".1%"), ("ratio_bf16", "of bf16 ceiling", ".1%"),
+    ])
+    for engine_name, result in identity.items():
+        print(f"greedy identity, {engine_name} vs transformers on {result['prompts']} prompts x {args.new_tokens} "
+              f"tokens: {result['identical']}/{result['prompts']} identical (text, tokens, finished)")
+    for engine_name, seconds in setup.items():
+        print(f"setup {engine_name}: {seconds:.1f} s")
+
+    report = {"model": str(model_dir), "parameters": n_params, "flops_per_token": flops_per_token,
+              "new_tokens": args.new_tokens, "threads": threads, "fp32_flops": fp32, "bf16_flops": bf16,
+              "ceilings": {"before": ceiling_before, "after": ceiling_after},
+              "load": {"before": load_before, "after": load_after}, "rows": rows, "greedy_identity": identity,
+              "setup_seconds": setup, "table": table}
+    json_path = common.write_json("generation", report)
+    png_path = plot(rows, fp32_ceiling, bf16_ceiling, load_before, threads, common.OUT / "generation.png")
+    print(f"wrote {json_path} and {png_path}")
+    if not args.no_mlflow:
+        best = {f"best_tokens_per_s.{e}": max(r["tokens_per_s"] for r in rows if r["engine"] == e) for e in engines}
+        run_id = common.log_to_mlflow("generation", rows, {
+            "model": model_dir.name, "parameters": n_params, "new_tokens": args.new_tokens, "threads": threads,
+            "fp32_gflops": round(fp32 / 1e9, 1), "bf16_gflops": round(bf16 / 1e9, 1),
+            "load_before": load_before, "load_after": load_after,
+            **{f"identical.{e}": f"{r['identical']}/{r['prompts']}" for e, r in identity.items()},
+        }, [json_path, png_path], metrics=best)
+        print(f"logged MLflow run {run_id} in experiment {common.EXPERIMENT}")
+
+
+def plot(rows: list[dict], fp32_ceiling: float, bf16_ceiling: float, load: dict, threads: int, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for engine_name in dict.fromkeys(r["engine"] for r in rows):
+        mine = [r for r in rows if r["engine"] == engine_name]
+        ax.plot([r["batch_size"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o", label=engine_name)
+    ax.axhline(fp32_ceiling, color="black", linestyle="--", label=f"fp32 ceiling ({fp32_ceiling:.0f})")
+    ax.axhline(0.4 * fp32_ceiling, color="grey", linestyle=":", label="40% of fp32 ceiling")
+    if bf16_ceiling < fp32_ceiling * 3:
+        ax.axhline(bf16_ceiling, color="brown", linestyle="--", label=f"bf16 ceiling ({bf16_ceiling:.0f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title(f"SmolLM2-135M generation on CPU ({threads} of {load['cores']} cores, load {load['load_1m']})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+if __name__ == "__main__":
+    main()

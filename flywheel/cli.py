@@ -67,6 +67,7 @@ def run(config: ConfigOption = None, workspace: WorkspaceOption = None,
         _fail(str(error))
     from flows.flywheel import flywheel
 
+    _terminal_without_user_tracebacks()
     try:
         records = flywheel(cfg, rounds=rounds, workspace=str(ws.root), wait=wait, restart=restart)
     except _user_errors() as error:
@@ -79,6 +80,24 @@ def run(config: ConfigOption = None, workspace: WorkspaceOption = None,
             raise
         _fail(str(disk_full(getattr(error, "filename", None) or ws.root)))
     _print_summary(records)
+
+
+def _terminal_without_user_tracebacks() -> None:
+    """A failure the user can act on reaches the terminal as the one ``error:`` line ``run`` prints; its traceback
+    stays in the Prefect run's logs (the API handler sees the record before it propagates to the console)."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    kinds = _user_errors()
+
+    class UserErrorTracebacks(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not (record.exc_info and isinstance(record.exc_info[1], kinds))
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.addFilter(UserErrorTracebacks())
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -229,6 +248,37 @@ def lineage(ref: str, config: ConfigOption = None, workspace: WorkspaceOption = 
         typer.echo(render(trace(ws, cfg.model.registered_name, ref)))
     except registry.RegistryError as error:
         _fail(str(error))
+
+
+@app.command(name="eval")
+def evaluate(ref: Annotated[str, typer.Argument(help="A registered version (3, v3) or alias (champion, candidate).")],
+             config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
+    """Score a registered version on the held-out prompts, as rounds do: prompt- and instruction-level accuracy and a
+    table per instruction type."""
+    cfg, ws = _setup(config, workspace)
+    from flywheel import registry
+    from flywheel.models import ModelError
+    from flywheel.operations import evaluate_version
+
+    try:
+        result = evaluate_version(cfg, ws, ref)
+    except (registry.RegistryError, ModelError) as error:
+        _fail(str(error))
+    from rich.console import Console
+    from rich.table import Table
+
+    scores = result.scores
+    table = Table(title=f"{result.name} v{result.version} ({ref}) on {scores.prompts} held-out prompts")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for label, value in (("prompt accuracy", scores.prompt_accuracy),
+                         ("instruction accuracy", scores.constraint_accuracy),
+                         *((f"  {kind}", share) for kind, share in sorted(scores.per_type.items())),
+                         ("truncated share", scores.truncated_share)):
+        table.add_row(label, f"{value:.3f}")
+    table.add_row("perplexity (probe)", f"{result.perplexity:.2f}")
+    Console().print(table)
+    typer.echo(f"rows: {result.results_path}")
 
 
 @app.command()

@@ -231,6 +231,10 @@ class TrainingConfig(Section):
     beta: float = Field(0.1, gt=0, description="DPO temperature.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a capable GPU, else fp32.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about a quarter more compute. "
+                           "TRL turns it on by default; a small model on a CPU is faster without.",
+    )
     checkpoint_steps: int = Field(
         5, ge=0, description="Save a resumable checkpoint every N optimizer steps (0: never); a killed round resumes "
                              "training from the last complete one.",

@@ -201,12 +201,10 @@ def open_round(config: FlywheelConfig, workspace: Workspace, champion: Champion,
         })
         run_id = run.info.run_id
         _log_params(mlflow_client, run_id, config)
+    # The round's data folder (DVC-tracked) is only written once the quality gate passes (see quality_gate): a round
+    # that fails earlier leaves the data store as it was. Work in progress lives in the round's state folder.
     data_dir, work_dir = workspace.round_data(number), workspace.round_state(number)
-    data_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    from flywheel.lineage import CONFIG_SNAPSHOT
-
-    write_json(config.model_dump(mode="json"), data_dir / CONFIG_SNAPSHOT)
     return RoundContext(number=number, name=name, data_dir=str(data_dir), work_dir=str(work_dir), run_id=run_id,
                         config_hash=config.config_hash(), champion=champion)
 
@@ -248,10 +246,10 @@ def load_prompt_split(config: FlywheelConfig, workspace: Workspace, context: Rou
     train, held_out = split_prompts(prompts, config.prompts.eval_fraction, seed=config.prompts.seed)
     chosen = sample_round_prompts(train, config.prompts.per_round, context.number, seed=config.prompts.seed)
     held_out = held_out[: config.prompts.eval_limit]
-    data_dir = Path(context.data_dir)
-    save_prompts(chosen, data_dir / "prompts.jsonl")
-    save_prompts(held_out, Path(context.work_dir) / "eval_prompts.jsonl")
-    return PromptSplit(train_path=str(data_dir / "prompts.jsonl"), eval_path=str(Path(context.work_dir) / "eval_prompts.jsonl"),
+    work_dir = Path(context.work_dir)
+    save_prompts(chosen, work_dir / "prompts.jsonl")
+    save_prompts(held_out, work_dir / "eval_prompts.jsonl")
+    return PromptSplit(train_path=str(work_dir / "prompts.jsonl"), eval_path=str(work_dir / "eval_prompts.jsonl"),
                        train=len(train), eval=len(held_out), round_prompts=len(chosen))
 
 
@@ -349,7 +347,13 @@ def quality_gate(config: FlywheelConfig, workspace: Workspace, context: RoundCon
     outcome = run_quality_gate(workspace.gx_root, tables, eval_prompts=eval_texts, settings=config.quality,
                                expected_languages=languages, run_name=context.name,
                                docs_dir=Path(context.work_dir) / "data_docs")
+    from flywheel.lineage import CONFIG_SNAPSHOT
+
     data_dir = Path(context.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # The dataset: the recipe, the round's prompts, then the clean tables and the quarantine.
+    write_json(config.model_dump(mode="json"), data_dir / CONFIG_SNAPSHOT)
+    atomic_write_text(data_dir / "prompts.jsonl", Path(split.train_path).read_text(encoding="utf-8"))
     paths = {name: data_dir / f"{name}.parquet" for name in tables}
     for name, frame in outcome.clean.items():
         write_parquet(frame, paths[name])

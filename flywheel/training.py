@@ -145,6 +145,7 @@ def train(
         use_cpu=device == "cpu",
         disable_tqdm=False,
         dataloader_num_workers=0,
+        gradient_checkpointing=config.gradient_checkpointing,
     )
     peft_config = None
     if config.lora.enabled:

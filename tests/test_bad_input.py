@@ -254,6 +254,38 @@ def _eval_missing_alias(env: Env) -> list[str]:
     return [command, "nosuch", "--config", str(env.shared["recipe"])]
 
 
+def _teacher_round(reply) -> Callable[[Env], list[str]]:
+    """A round in the shared workspace whose teacher judge is a fake OpenAI-compatible server answering ``reply``."""
+    from fake_openai import fake_openai
+
+    def build(env: Env) -> list[str]:
+        server = env.mounts.enter_context(fake_openai(reply))
+        env.extra_env["TEACHER_URL"] = server.url
+        teacher = {"base_url": server.url, "model": "teacher", "timeout_s": 1.0, "retries": 1, "backoff_s": 0.0}
+        recipe = env.recipe(_recipe(env.model, feedback__judges=["verifier", "teacher"], feedback__llm_scope="all",
+                                    feedback__teacher=teacher))
+        # --restart: each row is a new attempt at the shared workspace's first round, with its own recipe.
+        return ["run", "--config", recipe, "--restart"]
+
+    return build
+
+
+def _teacher_hangs(body, call):
+    from fake_openai import Hang
+
+    return Hang(3.0)
+
+
+def _teacher_garbage(body, call):
+    return "<html>502 Bad Gateway, but with status 200</html>"
+
+
+def _teacher_without_verdict(body, call):
+    from fake_openai import chat_answer
+
+    return chat_answer(["The answer looks fine to me."] * body.get("n", 1))
+
+
 def _shared(*args: str) -> Callable[[Env], list[str]]:
     return lambda env: [*args, "--config", str(env.shared["recipe"])]
 
@@ -332,6 +364,13 @@ ROWS = [
     Row("disk-full-state-dir", lambda e: _on_full_disk(e, state_only=True),
         lambda e: [str(e.row_dir / "disk" / "state"), "disk is full"]),
     Row("workspace-read-only", _read_only_workspace, lambda e: [str(e.row_dir / "ro"), "read-only file system"]),
+    # -- judges (a round whose teacher is a fake OpenAI-compatible server) --
+    Row("teacher-endpoint-times-out", _teacher_round(_teacher_hangs),
+        lambda e: ["teacher judge", e.extra_env["TEACHER_URL"], "no answer within the timeout"], "shared"),
+    Row("teacher-endpoint-returns-garbage", _teacher_round(_teacher_garbage),
+        lambda e: [e.extra_env["TEACHER_URL"], "not JSON"], "shared"),
+    Row("judge-returns-no-verdict", _teacher_round(_teacher_without_verdict),
+        lambda e: ["teacher", "no verdict"], "shared"),
     # -- the review gate (a round paused for review) --
     Row("review-unknown-row-ids", lambda e: ["review", "--config", str(e.shared["recipe"]), "--approve",
                                              "--reviewer", "alice", "--drop", "no-such-row"],

@@ -151,3 +151,14 @@ def test_export_writes_loadable_model(finished_round, tmp_path):
     run_cli(workspace, "export", "candidate", str(tmp_path / "out"), "--config", str(recipe))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.num_parameters() > 0
+
+
+def test_eval_scores_a_registered_version_as_the_round_did(finished_round):
+    workspace, recipe, _ = finished_round
+    result = run_cli(workspace, "eval", "candidate", "--config", str(recipe), "--workspace", str(workspace))
+    assert "tiny-policy v2 (candidate) on 6 held-out prompts" in result.stdout
+    for label in ("prompt accuracy", "instruction accuracy", "truncated share", "perplexity (probe)"):
+        assert label in result.stdout
+    record = json.loads((workspace / ".flywheel" / "rounds" / "round-0001.json").read_text())
+    shown = float(next(line for line in result.stdout.splitlines() if "prompt accuracy" in line).split()[-2])
+    assert shown == pytest.approx(record["evaluation"]["candidate"]["prompt_accuracy"], abs=1e-3)

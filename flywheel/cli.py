@@ -268,7 +268,8 @@ def evaluate(ref: Annotated[str, typer.Argument(help="A registered version (3, v
     from rich.table import Table
 
     scores = result.scores
-    table = Table(title=f"{result.name} v{result.version} ({ref}) on {scores.prompts} held-out prompts")
+    typer.echo(f"{result.name} v{result.version} ({ref}) on {scores.prompts} held-out prompts")
+    table = Table()
     table.add_column("figure")
     table.add_column("value", justify="right")
     for label, value in (("prompt accuracy", scores.prompt_accuracy),

@@ -162,3 +162,14 @@ def test_eval_scores_a_registered_version_as_the_round_did(finished_round):
     record = json.loads((workspace / ".flywheel" / "rounds" / "round-0001.json").read_text())
     shown = float(next(line for line in result.stdout.splitlines() if "prompt accuracy" in line).split()[-2])
     assert shown == pytest.approx(record["evaluation"]["candidate"]["prompt_accuracy"], abs=1e-3)
+
+
+def test_a_round_rerun_from_its_recorded_recipe_reproduces_its_dataset_hash(finished_round, tmp_path):
+    """Same parent, same recipe (the snapshot versioned with the data), same seed: the same bytes on CPU."""
+    workspace, _, _ = finished_round
+    run_cli(workspace, "checkout", "--round", "1", "--config", str(workspace / "recipe.yaml"))
+    snapshot = workspace / "data" / "rounds" / "round-0001" / "config.json"
+    again = tmp_path / "again"
+    again.mkdir()
+    run_cli(again, "run", "--config", str(snapshot), "--workspace", str(again))
+    assert dvc_md5(again, "round-0001") == dvc_md5(workspace, "round-0001")

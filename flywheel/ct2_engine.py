@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flywheel.generation import (
-    Completion, Progress, Request, SamplingParams, _cut_at_eos, encode_request, eos_token_ids,
+    Completion, Progress, Request, SamplingParams, _cut_at_eos, encode_request, eos_token_ids, length_sorted_jobs,
 )
 
 MARKER = "flywheel-ct2.json"
@@ -115,8 +115,7 @@ class CTranslate2Engine:
         import ctranslate2
 
         encoded = [self.encode(r) for r in requests]
-        jobs = [(i, s) for i in range(len(requests)) for s in range(samples)]
-        jobs.sort(key=lambda job: (-len(encoded[job[0]]), job))
+        jobs = length_sorted_jobs(encoded, samples)
         sampling = params.temperature > 0
         if sampling or self._generator is None:
             # CTranslate2 draws from a per-thread generator seeded when its worker thread first samples, and a

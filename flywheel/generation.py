@@ -74,9 +74,7 @@ class TransformersEngine:
         import torch
 
         encoded = [self.encode(r) for r in requests]
-        jobs = [(i, s) for i in range(len(requests)) for s in range(samples)]
-        # Longest first: the slowest batches start early and memory peaks at the beginning, not the end.
-        jobs.sort(key=lambda job: (-len(encoded[job[0]]), job))
+        jobs = length_sorted_jobs(encoded, samples)
         eos_ids = self._eos_ids()
         pad_id = self.tokenizer.pad_token_id
         results: list[Completion] = []
@@ -118,6 +116,14 @@ class TransformersEngine:
 
     def _eos_ids(self) -> list[int]:
         return eos_token_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None))
+
+
+def length_sorted_jobs(encoded: Sequence[list[int]], samples: int) -> list[tuple[int, int]]:
+    """Every (request, sample) job, longest prompt first: the slowest batches start early and memory peaks at the
+    beginning, not the end; equal lengths share batches, so padding stays small."""
+    jobs = [(i, s) for i in range(len(encoded)) for s in range(samples)]
+    jobs.sort(key=lambda job: (-len(encoded[job[0]]), job))
+    return jobs
 
 
 def encode_request(tokenizer, request: Request) -> list[int]:

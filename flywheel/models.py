@@ -65,8 +65,8 @@ def model_sha256(model_dir: Path) -> str:
 
 def _digests(model_dir: Path) -> tuple[str, dict[str, str]]:
     """The model's identity digest and a sha256 per file, reading every file once."""
-    identity = set(weight_files(model_dir)) | {model_dir / n for n in CHECKSUMMED if (model_dir / n).is_file()}
     ordered = weight_files(model_dir) + [model_dir / n for n in CHECKSUMMED if (model_dir / n).is_file()]
+    identity = set(ordered)
     others = sorted(p for p in model_dir.iterdir() if p.is_file() and p not in identity and p.name != METADATA_FILE)
     digest, per_file = hashlib.sha256(), {}
     for path in ordered + others:

@@ -91,7 +91,11 @@ def review_in_ui(base: str, run_name: str, shots: Path, *, approve: bool, review
             page.get_by_role("tab", name="Artifacts").click()
             page.get_by_text("review-round-0001").first.click()
             page.get_by_role("link", name=re.compile(r"^[0-9a-f]{8}$")).first.click()
+            # The key's page renders the latest version too: wait for the version's own page before reading, or
+            # the rows are read from a page being torn down.
+            page.wait_for_url(re.compile(r".*/artifacts/artifact/.*"))
             expect(page.get_by_role("heading", name="Review round-0001")).to_be_visible()
+            expect(page.locator("h3 code").first).to_be_visible()
             shown = [text.strip() for text in page.locator("h3 code").all_inner_texts()]
             assert shown, "the review artifact shows no sampled rows"
             dropped = shown[0] if drop else None

@@ -67,7 +67,7 @@ def run_stages(config: FlywheelConfig, ws: Workspace, context: RoundContext, res
     split = stage("prompts", PromptSplit, load_prompts, config, ws, context)
     generations = stage("generate", Generations, generate, config, context, split)
     judged = stage("judge", JudgedSamples, judge, config, ws, context, split, generations)
-    data = stage("build", RoundData, build_data, config, context, judged)
+    data = stage("build", RoundData, build_data, config, ws, context, split, judged)
     quality = stage("quality", QualityResult, quality_gate, config, ws, context, split, data)
     decision = stage("review", ReviewDecision, review_round, config, ws, context, judged, quality)
 

@@ -102,6 +102,7 @@ def _terminal_without_user_tracebacks() -> None:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Failures a user can act on: bad input or an unmet gate, not a bug in the flywheel."""
+    from flywheel.distill import DistillError
     from flywheel.generation import EngineError
     from flywheel.journal import JournalError
     from flywheel.judges import JudgeError
@@ -110,12 +111,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from flywheel.prompts import PromptFileError
     from flywheel.quality import QualityGateError
     from flywheel.registry import RegistryError
+    from flywheel.reward import RewardModelError
     from flywheel.training import TrainingError
     from flywheel.versioning import VersioningError
     from flywheel.workspace import WorkspaceBusy
 
     return (ConfigError, JournalError, ModelError, PromptFileError, QualityGateError, RegistryError, TrainingError,
-            VersioningError, WorkspaceBusy, PreflightError, DiskFullError, EngineError, JudgeError)
+            VersioningError, WorkspaceBusy, PreflightError, DiskFullError, EngineError, JudgeError, DistillError,
+            RewardModelError)
 
 
 def summary_rows(record) -> dict[str, str]:
@@ -250,34 +253,92 @@ def lineage(ref: str, config: ConfigOption = None, workspace: WorkspaceOption = 
         _fail(str(error))
 
 
-@app.command(name="eval")
-def evaluate(ref: Annotated[str, typer.Argument(help="A registered version (3, v3) or alias (champion, candidate).")],
+@app.command()
+def generate(ref: Annotated[str, typer.Argument(
+                 help="A registered version (3, v3), an alias (champion, candidate) or a model folder.")],
+             output: Annotated[Path, typer.Option("--out", "-o", help="JSONL file to write, one answer per line.")],
+             prompts: Annotated[Optional[Path], typer.Option(
+                 help="Prompt file (JSONL/CSV/Parquet); default: the recipe's held-out prompts.")] = None,
+             samples: Annotated[int, typer.Option(min=1, max=64, help="Answers per prompt (1: greedy).")] = 1,
+             refine: Annotated[int, typer.Option(min=0, max=8, help=(
+                 "Self-refinement rounds: the model critiques each answer and rewrites it.")) ] = 0,
              config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
-    """Score a registered version on the held-out prompts, as rounds do: prompt- and instruction-level accuracy and a
-    table per instruction type."""
+    """Answer prompts with a model, optionally refining each answer by its own critique (inference-time SELF)."""
     cfg, ws = _setup(config, workspace)
     from flywheel import registry
     from flywheel.models import ModelError
-    from flywheel.operations import evaluate_version
+    from flywheel.operations import generate_answers
+    from flywheel.prompts import PromptFileError
+
+    if prompts is not None and not prompts.is_file():
+        _fail(f"--prompts: file not found: {prompts}")
+    from tasks.progress import progress_bar
 
     try:
-        result = evaluate_version(cfg, ws, ref)
-    except (registry.RegistryError, ModelError) as error:
+        with progress_bar(None, "generate", unit="generation") as advance:
+            result = generate_answers(cfg, ws, ref, output, prompts_path=prompts, samples=samples,
+                                      refine_rounds=refine, progress=advance)
+    except (registry.RegistryError, ModelError, PromptFileError, ValueError) as error:
+        _fail(str(error))
+    typer.echo(f"{result.answers} answers to {result.prompts} prompts"
+               + (f", {result.refined} changed by {refine} refinement round(s)" if refine else "")
+               + f": {result.path}")
+
+
+@app.command(name="eval")
+def evaluate(ref: Annotated[str | None, typer.Argument(
+                 help="A registered version (3, v3), an alias (champion, candidate) or a model folder.")] = None,
+             model: Annotated[str | None, typer.Option("--model", "-m", help="Same as REF.")] = None,
+             against: Annotated[str | None, typer.Option(
+                 help="Also the win rate against this model (version, alias or folder); default: the champion, "
+                      "unless REF is the champion. 'none': no win rate.")] = None,
+             judge: Annotated[str, typer.Option(help="Who decides the wins: verifier, self or teacher.")] = "verifier",
+             config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
+    """Score a model on the held-out prompts, as rounds do: prompt- and instruction-level accuracy, strict and loose,
+    a table per instruction type, and the win rate against the champion."""
+    if (ref is None) == (model is None):
+        _fail("name the model once: flywheel eval REF, or flywheel eval --model REF")
+    ref = ref or model
+    if judge not in ("verifier", "self", "teacher"):
+        _fail(f"--judge: unknown judge {judge!r} (verifier, self or teacher)")
+    cfg, ws = _setup(config, workspace)
+    from flywheel import registry
+    from flywheel.judges import JudgeError
+    from flywheel.models import ModelError
+    from flywheel.operations import evaluate_version
+
+    if against is None:
+        against = None if ref == registry.CHAMPION else registry.CHAMPION
+    elif against.lower() == "none":
+        against = None
+    try:
+        result = evaluate_version(cfg, ws, ref, against=against, judge=judge)
+    except (registry.RegistryError, ModelError, JudgeError, ValueError) as error:
         _fail(str(error))
     from rich.console import Console
     from rich.table import Table
 
     scores = result.scores
-    typer.echo(f"{result.name} v{result.version} ({ref}) on {scores.prompts} held-out prompts")
+    what = f"{result.name} v{result.version}" if result.version != "folder" else result.name
+    typer.echo(f"{what} ({ref}) on {scores.prompts} held-out prompts")
     table = Table()
     table.add_column("figure")
-    table.add_column("value", justify="right")
-    for label, value in (("prompt accuracy", scores.prompt_accuracy),
-                         ("instruction accuracy", scores.constraint_accuracy),
-                         *((f"  {kind}", share) for kind, share in sorted(scores.per_type.items())),
-                         ("truncated share", scores.truncated_share)):
-        table.add_row(label, f"{value:.3f}")
-    table.add_row("perplexity (probe)", f"{result.perplexity:.2f}")
+    table.add_column("strict", justify="right")
+    table.add_column("loose", justify="right")
+
+    def loose(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    table.add_row("prompt accuracy", f"{scores.prompt_accuracy:.3f}", loose(scores.loose_prompt_accuracy))
+    table.add_row("instruction accuracy", f"{scores.constraint_accuracy:.3f}",
+                  loose(scores.loose_constraint_accuracy))
+    for kind, share in sorted(scores.per_type.items()):
+        table.add_row(f"  {kind}", f"{share:.3f}", "")
+    table.add_row("truncated share", f"{scores.truncated_share:.3f}", "")
+    table.add_row("perplexity (probe)", f"{result.perplexity:.2f}", "")
+    if result.win_rate is not None:
+        table.add_row(f"win rate vs {result.against} (v{result.against_version}, {result.win_judge})",
+                      f"{result.win_rate:.3f}", "")
     Console().print(table)
     typer.echo(f"rows: {result.results_path}")
 

@@ -117,10 +117,12 @@ class TeacherConfig(EndpointOptions):
 
 
 class FeedbackConfig(Section):
-    judges: list[Literal["verifier", "self", "teacher"]] = Field(
+    judges: list[Literal["verifier", "self", "teacher", "reward_model"]] = Field(
         default_factory=lambda: ["verifier"], min_length=1,
-        description="verifier: programmatic checks; self: the policy judges itself; teacher: another model judges.",
+        description="verifier: programmatic checks; self: the policy judges itself; teacher: another model judges; "
+                    "reward_model: a reward model trained on the earlier rounds' preference pairs.",
     )
+    reward_threshold: float = Field(0.0, description="reward_model judge: a reward above this passes.")
     teacher: TeacherConfig | None = None
     llm_scope: Literal["unverifiable", "all"] = Field(
         "unverifiable", description="Rows the LLM judge decides: those the verifier cannot check, or all.",
@@ -144,8 +146,10 @@ class FeedbackConfig(Section):
     def _judges(self) -> FeedbackConfig:
         if len(set(self.judges)) != len(self.judges):
             raise ValueError(f"judges lists a judge twice: {self.judges}")
-        if "self" in self.judges and "teacher" in self.judges:
-            raise ValueError("judges: use one LLM judge, 'self' or 'teacher', not both")
+        second = [j for j in self.judges if j != "verifier"]
+        if len(second) > 1:
+            raise ValueError(f"judges: use one judge besides the verifier ('self', 'teacher' or 'reward_model'), "
+                             f"not {second}")
         if "teacher" in self.judges and self.teacher is None:
             raise ValueError("judges has 'teacher' but no teacher section (model folder, or base_url and model)")
         if "teacher" not in self.judges and self.teacher is not None:
@@ -221,7 +225,9 @@ class LoraConfig(Section):
 
 
 class TrainingConfig(Section):
-    method: Literal["dpo", "sft"] = "dpo"
+    method: Literal["dpo", "sft", "sami", "grpo"] = Field(
+        "dpo", description="dpo: preference pairs; sft: accepted answers; sami: the SAMI contrastive loss over "
+                           "constitutions (strategy sami); grpo: online GRPO on the round's prompts (strategy grpo).")
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: as many as epochs need.")
     learning_rate: float = Field(1e-5, gt=0)
@@ -240,6 +246,109 @@ class TrainingConfig(Section):
                              "training from the last complete one.",
     )
     lora: LoraConfig = LoraConfig()
+
+
+DEFAULT_PRINCIPLES = (
+    "Follow every instruction in the request exactly, including its format and length.",
+    "Answer the request directly and stay on its topic.",
+    "Be concise: say what is needed and nothing more.",
+    "Use plain, correct English unless the request asks for another language.",
+)
+
+
+class BestOfNConfig(Section):
+    """Rejection sampling: per prompt, the best sample (by the judges) is chosen, the worst rejected."""
+
+
+class SelfRefineConfig(Section):
+    """SELF: the policy critiques its own failed answers in words and rewrites them."""
+
+    refinements: int = Field(1, ge=1, le=8, description="Rewrites sampled per failed answer.")
+    max_answers: int = Field(64, ge=1, description="Most failed answers refined in one round (worst-scored first).")
+    critique_max_new_tokens: int = Field(96, ge=8, le=4096)
+    refine_max_new_tokens: int | None = Field(None, ge=1, le=4096, description="None: generation.max_new_tokens.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature of critiques and rewrites.")
+    meta_skill: bool = Field(True, description="Keep critique and rewrite examples as SFT rows, so the model also "
+                                               "learns to critique and refine.")
+
+
+class SparConfig(Section):
+    """SPaR: tree search over minimal refinements of a failed answer; pairs (refined, original) for DPO."""
+
+    breadth: int = Field(3, ge=1, le=16, description="Refinements sampled from each node (branching factor).")
+    keep: int = Field(2, ge=1, le=16, description="Best nodes kept at each depth.")
+    depth: int = Field(3, ge=1, le=8, description="Most refinement steps from the original answer.")
+    judge_samples: int = Field(5, ge=1, le=15, description="Judge samples per node; value = share that pass "
+                                                            "(a deterministic judge is asked once).")
+    threshold: float = Field(0.5, ge=0, lt=1, description="Search stops at a node whose value exceeds this.")
+    max_answers: int = Field(64, ge=1, description="Most failed answers searched in one round.")
+    refine_max_new_tokens: int | None = Field(None, ge=1, le=4096, description="None: generation.max_new_tokens.")
+    temperature: float = Field(0.8, ge=0)
+
+
+class SamiConfig(Section):
+    """SAMI: constitutions (principles and their antitheses) and a mutual-information contrastive loss."""
+
+    writer: str = Field("self", description="Who writes extra principles: 'self' (the policy), 'none' (only the "
+                                            "listed ones), or a local model folder.")
+    principles: list[str] = Field(default_factory=lambda: list(DEFAULT_PRINCIPLES), min_length=1,
+                                  description="Seed principles; the writer adds to them and writes antitheses.")
+    written_principles: int = Field(4, ge=0, le=64, description="Extra principles the writer is asked for.")
+    constitutions_per_prompt: int = Field(4, ge=2, le=16, description="Constitutions sampled per prompt: the "
+                                                                      "side of the contrastive matrix.")
+    principles_per_constitution: int = Field(2, ge=1, le=8)
+    writer_max_new_tokens: int = Field(64, ge=8, le=1024)
+
+
+class DistillConfig(Section):
+    """Weak-to-strong distillation: the student writes a guideline, the teacher answers with it, the student learns
+    the teacher's answers (SFT)."""
+
+    teacher: TeacherConfig = Field(description="A local model folder, or base_url and the served model's name.")
+    guideline_max_new_tokens: int = Field(48, ge=1, le=1024)
+    answer_max_new_tokens: int | None = Field(None, ge=1, le=4096, description="None: generation.max_new_tokens.")
+    require_pass: bool = Field(True, description="Only teacher answers the judges accept become SFT rows.")
+
+
+class GrpoConfig(Section):
+    """Online GRPO with TRL: the verifiers (and the reward model, if trained) are the reward functions."""
+
+    rewards: list[Literal["verifier", "reward_model"]] = Field(default_factory=lambda: ["verifier"], min_length=1)
+    num_generations: int = Field(4, ge=2, le=64, description="Completions per prompt in a GRPO group.")
+    max_completion_length: int | None = Field(None, ge=1, le=4096, description="None: generation.max_new_tokens.")
+
+
+class StrategyConfig(Section):
+    """How a round turns the policy's own answers into training data; each strategy has its own section."""
+
+    name: Literal["best_of_n", "self_refine", "spar", "sami", "distill", "grpo"] = "best_of_n"
+    best_of_n: BestOfNConfig = BestOfNConfig()
+    self_refine: SelfRefineConfig = SelfRefineConfig()
+    spar: SparConfig = SparConfig()
+    sami: SamiConfig = SamiConfig()
+    distill: DistillConfig | None = Field(None, description="Required with name 'distill' (it names the teacher).")
+    grpo: GrpoConfig = GrpoConfig()
+
+    @model_validator(mode="after")
+    def _own_section(self) -> StrategyConfig:
+        if self.name == "distill" and self.distill is None:
+            raise ValueError("strategy 'distill' needs a distill section with its teacher")
+        return self
+
+    def options(self) -> Section | None:
+        """The chosen strategy's own section."""
+        return getattr(self, self.name)
+
+
+# The training methods a strategy's data can feed.
+STRATEGY_METHODS: dict[str, tuple[str, ...]] = {
+    "best_of_n": ("dpo", "sft"),
+    "self_refine": ("dpo", "sft"),
+    "spar": ("dpo", "sft"),
+    "sami": ("sami",),
+    "distill": ("sft",),
+    "grpo": ("grpo",),
+}
 
 
 class EvaluationConfig(Section):
@@ -316,6 +425,7 @@ class FlywheelConfig(Section):
     prompts: PromptsConfig = PromptsConfig()
     generation: GenerationConfig = GenerationConfig()
     feedback: FeedbackConfig = FeedbackConfig()
+    strategy: StrategyConfig = StrategyConfig()
     quality: QualityConfig = QualityConfig()
     review: ReviewConfig = ReviewConfig()
     training: TrainingConfig = TrainingConfig()
@@ -326,6 +436,10 @@ class FlywheelConfig(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> FlywheelConfig:
+        allowed = STRATEGY_METHODS[self.strategy.name]
+        if self.training.method not in allowed:
+            raise ValueError(f"strategy {self.strategy.name!r} trains with training.method "
+                             f"{' or '.join(repr(m) for m in allowed)}, not {self.training.method!r}")
         if self.training.method == "dpo" and self.generation.samples_per_prompt < 2:
             raise ValueError(
                 "training.method 'dpo' needs generation.samples_per_prompt >= 2 (a pair needs two samples)"
@@ -415,11 +529,22 @@ def check_paths(config: FlywheelConfig, source: str, base_dir: Path) -> None:
         model_dir = resolve(base, base_dir)
         if not model_dir.is_dir():
             raise ConfigError(f"{source}: model.base: model folder not found: {model_dir}")
-    teacher = config.feedback.teacher
-    if teacher is not None and teacher.base_url is None and _looks_like_path(teacher.model):
-        teacher_dir = resolve(teacher.model, base_dir)
-        if not teacher_dir.is_dir():
-            raise ConfigError(f"{source}: feedback.teacher.model: model folder not found: {teacher_dir}")
+    teachers = {"feedback.teacher.model": config.feedback.teacher}
+    if config.strategy.distill is not None:
+        teachers["strategy.distill.teacher.model"] = config.strategy.distill.teacher
+    if config.strategy.sami.writer not in ("self", "none"):
+        writer_dir = resolve(config.strategy.sami.writer, base_dir)
+        if not writer_dir.is_dir():
+            raise ConfigError(f"{source}: strategy.sami.writer: model folder not found: {writer_dir}")
+    for field, teacher in teachers.items():
+        if teacher is None or teacher.base_url is not None:
+            continue
+        if teacher.model.startswith(BUILTIN_PREFIX) and field.startswith("strategy."):
+            continue  # provisioned like the base model (the judge's teacher takes a folder or an endpoint)
+        if _looks_like_path(teacher.model):
+            teacher_dir = resolve(teacher.model, base_dir)
+            if not teacher_dir.is_dir():
+                raise ConfigError(f"{source}: {field}: model folder not found: {teacher_dir}")
 
 
 def _looks_like_path(value: str) -> bool:

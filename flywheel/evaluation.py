@@ -15,6 +15,9 @@ class ModelScores(BaseModel):
     per_type: dict[str, float]  # instruction type -> share satisfied
     truncated_share: float  # responses cut at the token limit
     mean_tokens: float
+    # The same answers checked loosely (markdown stripped, first/last line dropped): None where not computed.
+    loose_prompt_accuracy: float | None = None
+    loose_constraint_accuracy: float | None = None
 
 
 class Evaluation(BaseModel):
@@ -54,15 +57,17 @@ def summarize(judged) -> ModelScores:
     """Aggregate a judged-samples table (one greedy sample per prompt) into accuracy figures."""
     if judged.empty:
         raise ValueError("cannot evaluate on an empty prompt set")
-    totals: dict[str, list[int]] = {}
-    for checks in judged["checks"]:
-        for kind, ok in json.loads(checks).items():
-            totals.setdefault(kind, [0, 0])
-            totals[kind][0] += int(ok)
-            totals[kind][1] += 1
+    totals = _type_totals(judged["checks"])
     satisfied = sum(v[0] for v in totals.values())
     count = sum(v[1] for v in totals.values())
-    return ModelScores(
+    loose: dict[str, float] = {}
+    if "loose_checks" in judged.columns:
+        loose_totals = _type_totals(judged["loose_checks"])
+        loose_count = sum(v[1] for v in loose_totals.values())
+        loose = {"loose_prompt_accuracy": float(judged["loose_passed"].mean()),
+                 "loose_constraint_accuracy": sum(v[0] for v in loose_totals.values()) / loose_count
+                 if loose_count else 0.0}
+    return ModelScores(**loose,
         prompts=len(judged),
         prompt_accuracy=float(judged["passed"].mean()),
         constraint_accuracy=satisfied / count if count else 0.0,
@@ -70,6 +75,27 @@ def summarize(judged) -> ModelScores:
         truncated_share=float((~judged["finished"].astype(bool)).mean()),
         mean_tokens=float(judged["n_tokens"].mean()),
     )
+
+
+def _type_totals(checks_column) -> dict[str, list[int]]:
+    """Instruction type -> [satisfied, checked] over a column of JSON check maps."""
+    totals: dict[str, list[int]] = {}
+    for checks in checks_column:
+        for kind, ok in json.loads(checks).items():
+            totals.setdefault(kind, [0, 0])
+            totals[kind][0] += int(ok)
+            totals[kind][1] += 1
+    return totals
+
+
+def win_rate(candidate_scores, champion_scores) -> float:
+    """Share of prompts where the candidate scores higher than the champion; ties count half. Both are mappings
+    prompt_id -> score over the same prompts."""
+    if set(candidate_scores) != set(champion_scores) or not candidate_scores:
+        raise ValueError("candidate and champion were not scored on the same prompts")
+    wins = sum(candidate_scores[p] > champion_scores[p] for p in candidate_scores)
+    ties = sum(candidate_scores[p] == champion_scores[p] for p in candidate_scores)
+    return (wins + 0.5 * ties) / len(candidate_scores)
 
 
 def compare(candidate_judged, champion_judged) -> Evaluation:

@@ -139,3 +139,39 @@ def check_verdicts(judged: JudgedTable, max_no_verdict: float, llm: Judge | None
 def judge_with_verifiers(prompts: Sequence[Prompt], completions: Sequence[Completion], *, strict: bool = True):
     """Programmatic verifiers: per-constraint pass/fail and the share satisfied, for every sample."""
     return judge_table(prompts, completions, strict=strict).frame
+
+
+class RoundJudge:
+    """The round's judges as one ``Judge`` over any (prompt, response) pairs, deciding each pair the way
+    ``judge_table`` decides a sample: the verifier where it can check (and ``verifier_decides``), the other judge
+    for the rest (or for everything with ``llm_scope="all"``). Strategies use it to judge the answers they make."""
+
+    def __init__(self, *, strict: bool = True, llm: Judge | None = None, verifier_decides: bool = True,
+                 llm_scope: Literal["unverifiable", "all"] = "unverifiable"):
+        self.verifier = VerifierJudge(strict=strict)
+        self.llm = llm
+        self.verifier_decides = verifier_decides
+        self.llm_scope = llm_scope
+        self.name = "+".join(n for n in ("verifier" if verifier_decides else "", llm.name if llm else "") if n)
+        self.source = self.verifier.source if llm is None else f"{self.verifier.source}; {llm.source}"
+
+    def _llm_decides(self, prompt: Prompt) -> bool:
+        return self.llm is not None and (self.llm_scope == "all" or not self.verifier_decides
+                                         or not prompt.constraints)
+
+    def deterministic_for(self, items: Sequence[tuple[Prompt, str]]) -> bool:
+        """True when only the (deterministic) verifier decides these pairs: asking again gives the same verdicts."""
+        return not any(self._llm_decides(prompt) for prompt, _ in items)
+
+    def judge(self, items: Sequence[tuple[Prompt, str]]) -> list[JudgeVerdict]:
+        verdicts = self.verifier.judge(items)
+        to_llm = [i for i, (prompt, _) in enumerate(items) if self._llm_decides(prompt)]
+        if to_llm:
+            assert self.llm is not None
+            second = self.llm.judge([items[i] for i in to_llm])
+            if len(second) != len(to_llm):
+                raise JudgeError(f"{self.llm.name} judge ({self.llm.source}): returned {len(second)} verdicts "
+                                 f"for {len(to_llm)} rows")
+            for i, verdict in zip(to_llm, second):
+                verdicts[i] = verdict
+        return verdicts

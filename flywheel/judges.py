@@ -239,14 +239,22 @@ class LLMJudge:
 
 
 def build_llm_judge(config: FlywheelConfig, champion_dir: Path, base_dir: Path, device: str = "cpu",
-                    engine_options: Mapping[str, Any] | None = None) -> LLMJudge | None:
-    """The round's LLM judge from the recipe: ``self`` (the champion, through the generation engine) or
-    ``teacher`` (an OpenAI-compatible endpoint, or a local folder through a local engine); None without one.
-    ``engine_options``: extra ``make_engine`` settings of the local engines (the ctranslate2 engine's)."""
+                    engine_options: Mapping[str, Any] | None = None,
+                    reward_model_dir: Path | None = None) -> Judge | None:
+    """The round's judge besides the verifier: ``self`` (the champion, through the generation engine), ``teacher``
+    (an OpenAI-compatible endpoint, or a local folder through a local engine) or ``reward_model`` (the reward model
+    in ``reward_model_dir``); None without one. ``engine_options``: extra ``make_engine`` settings of the local
+    engines (the ctranslate2 engine's)."""
     from flywheel.config import _looks_like_path, resolve
     from flywheel.generation import make_engine
 
     feedback, generation = config.feedback, config.generation
+    if "reward_model" in feedback.judges:
+        if reward_model_dir is None:
+            raise JudgeError("reward_model judge: no reward model was trained for this round")
+        from flywheel.reward import RewardModelJudge
+
+        return RewardModelJudge(reward_model_dir, threshold=feedback.reward_threshold, device=device)
     local_options = dict(engine_options or {})
     options = {"votes": feedback.votes, "temperature": feedback.judge_temperature,
                "max_new_tokens": feedback.judge_max_new_tokens, "seed": config.seed}

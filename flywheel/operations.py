@@ -17,13 +17,41 @@ from flywheel.workspace import Workspace
 
 class VersionEvaluation(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str
+    name: str  # the registered model, or the folder's path
     ref: str
-    version: str
+    version: str  # "folder" for a model folder
     scores: ModelScores
     perplexity: float
     prompts_path: str
     results_path: str
+    against: str | None = None  # what the win rate compares with (a version, alias or folder)
+    against_version: str | None = None
+    win_rate: float | None = None  # share of held-out prompts where this model beats `against`; ties count half
+    win_judge: str | None = None  # who decided the wins: verifier, self or teacher
+
+
+class ResolvedModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    version: str
+    path: str
+
+
+def resolve_model(config: FlywheelConfig, workspace: Workspace, ref: str) -> ResolvedModel:
+    """A registered version (``3``, ``v3``), an alias (``champion``), or a model folder on disk."""
+    from flywheel.models import ModelError
+
+    folder = Path(ref).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"{folder}: not a model folder (no config.json)")
+        return ResolvedModel(name=str(folder.resolve()), version="folder", path=str(folder.resolve()))
+    if "/" in ref or ref.startswith("."):
+        raise ModelError(f"{ref}: model folder not found")
+    name = config.model.registered_name
+    info = registry.get_version(workspace.tracking_uri, name, ref)
+    return ResolvedModel(name=name, version=info.version,
+                         path=str(registry.materialize(workspace.tracking_uri, info, workspace.models)))
 
 
 def held_out_prompts(config: FlywheelConfig, workspace: Workspace) -> Path:
@@ -45,27 +73,122 @@ def held_out_prompts(config: FlywheelConfig, workspace: Workspace) -> Path:
 
 
 def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = registry.CHAMPION,
-                     progress=None) -> VersionEvaluation:
-    """Score a registered version (number or alias) greedily on the held-out prompts, as a round scores its models."""
+                     progress=None, *, against: str | None = None, judge: str = "verifier") -> VersionEvaluation:
+    """Score a model (registered version, alias or folder) greedily on the held-out prompts, as a round scores its
+    models: prompt- and instruction-level accuracy, strict and loose, per instruction type. With ``against``, also
+    the win rate over that model's answers, decided by ``judge``: ``verifier`` (the verifier's score), or ``self``
+    / ``teacher`` (the recipe's LLM judge scores both answers; ``self`` is the champion)."""
     from flywheel.dataset import write_parquet
     from flywheel.evaluation import summarize
     from flywheel.models import resolve_device
     from flywheel.probe import perplexity
+
+    model = resolve_model(config, workspace, ref)
+    prompts_path = held_out_prompts(config, workspace)
+    judged = _score(config, workspace, model, prompts_path, progress)
+    label = f"v{model.version}" if model.version != "folder" else hashlib.sha256(model.path.encode()).hexdigest()[:8]
+    results = workspace.state / "evals" / f"{Path(model.name).name}-{label}-{prompts_path.stem}.standalone.parquet"
+    write_parquet(judged, results)
+    extra: dict = {}
+    if against is not None:
+        other = resolve_model(config, workspace, against)
+        other_judged = _score(config, workspace, other, prompts_path, progress)
+        extra = {"against": against, "against_version": other.version, "win_judge": judge,
+                 "win_rate": _win_rate(config, workspace, prompts_path, judged, other_judged, judge)}
+    return VersionEvaluation(name=model.name, ref=ref, version=model.version, scores=summarize(judged),
+                             perplexity=perplexity(Path(model.path), device=resolve_device(config.generation.device)),
+                             prompts_path=str(prompts_path), results_path=str(results), **extra)
+
+
+def _score(config: FlywheelConfig, workspace: Workspace, model: ResolvedModel, prompts_path: Path, progress):
     from flywheel.stages import PromptSplit, _greedy_eval
 
-    name = config.model.registered_name
-    info = registry.get_version(workspace.tracking_uri, name, ref)
-    model_dir = registry.materialize(workspace.tracking_uri, info, workspace.models)
-    prompts_path = held_out_prompts(config, workspace)
     count = sum(1 for line in prompts_path.read_text().splitlines() if line.strip())
     split = PromptSplit(train_path=str(prompts_path), eval_path=str(prompts_path), train=0, eval=count,
                         round_prompts=0)
-    judged = _greedy_eval(config, model_dir, split, progress)
-    results = workspace.state / "evals" / f"{name}-v{info.version}-{prompts_path.stem}.standalone.parquet"
-    write_parquet(judged, results)
-    return VersionEvaluation(name=name, ref=ref, version=info.version, scores=summarize(judged),
-                             perplexity=perplexity(model_dir, device=resolve_device(config.generation.device)),
-                             prompts_path=str(prompts_path), results_path=str(results))
+    return _greedy_eval(config, Path(model.path), split, progress)
+
+
+def _win_rate(config: FlywheelConfig, workspace: Workspace, prompts_path: Path, judged, other_judged,
+              judge: str) -> float:
+    from flywheel.evaluation import win_rate
+
+    if judge == "verifier":
+        return win_rate(dict(zip(judged["prompt_id"], judged["score"])),
+                        dict(zip(other_judged["prompt_id"], other_judged["score"])))
+    if judge not in ("self", "teacher"):
+        raise ValueError(f"unknown judge {judge!r} (verifier, self or teacher)")
+    from flywheel.config import FeedbackConfig
+    from flywheel.judges import build_llm_judge
+    from flywheel.models import resolve_device
+    from flywheel.prompts import load_prompts
+
+    # The recipe's judge settings (votes, teacher), deciding every row.
+    feedback = FeedbackConfig(**{**config.feedback.model_dump(), "judges": [judge], "llm_scope": "all"})
+    champion = resolve_model(config, workspace, registry.CHAMPION)
+    llm = build_llm_judge(config.model_copy(update={"feedback": feedback}), Path(champion.path), workspace.root,
+                          device=resolve_device(config.generation.device))
+    prompts = {p.id: p for p in load_prompts(prompts_path)}
+    try:
+        ids = list(judged["prompt_id"])
+        mine = llm.judge([(prompts[i], r) for i, r in zip(ids, judged["response"])])
+        theirs_by_id = dict(zip(other_judged["prompt_id"], other_judged["response"]))
+        theirs = llm.judge([(prompts[i], theirs_by_id[i]) for i in ids])
+    finally:
+        llm.close()
+    return win_rate({i: v.score for i, v in zip(ids, mine)}, {i: v.score for i, v in zip(ids, theirs)})
+
+
+class GeneratedAnswers(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    version: str
+    prompts: int
+    answers: int
+    refined: int  # answers a self-refinement round changed
+    path: str
+
+
+def generate_answers(config: FlywheelConfig, workspace: Workspace, ref: str, output: Path, *,
+                     prompts_path: Path | None = None, samples: int = 1, refine_rounds: int = 0,
+                     progress=None) -> GeneratedAnswers:
+    """A model answers prompts (a prompt file, else the recipe's held-out prompts), with the recipe's sampling
+    settings; with ``refine_rounds``, each answer is critiqued and rewritten by the same model that many times
+    (inference-time self-refinement, ``flywheel.refine.refine_answers``). Writes JSONL, one answer per line."""
+    import json
+
+    from flywheel.generation import SamplingParams, make_engine, user_request
+    from flywheel.models import atomic_write_text, resolve_device
+    from flywheel.prompts import load_prompts
+
+    model = resolve_model(config, workspace, ref)
+    prompts = load_prompts(prompts_path or held_out_prompts(config, workspace))
+    gen = config.generation
+    engine_name = "transformers" if gen.engine == "openai" else gen.engine
+    engine = make_engine(engine_name, Path(model.path), resolve_device(gen.device), gen.batch_size,
+                         **_engine_options(config, workspace))
+    params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature if samples > 1 else 0.0,
+                            top_p=gen.top_p, seed=config.seed)
+    completions = engine.generate([user_request(p.prompt) for p in prompts], samples, params, progress)
+    answers = [c.text for c in completions]
+    first = list(answers)
+    if refine_rounds:
+        from flywheel.refine import refine_answers
+
+        answers = refine_answers([prompts[c.request_index] for c in completions], answers, engine,
+                                 rounds=refine_rounds, params=params, progress=progress)
+    lines = [json.dumps({"prompt_id": prompts[c.request_index].id, "prompt": prompts[c.request_index].prompt,
+                         "sample_index": c.sample_index, "response": text, "first_response": before,
+                         "refined": text != before, "model": model.name, "version": model.version})
+             for c, text, before in zip(completions, answers, first)]
+    atomic_write_text(output, "\n".join(lines) + "\n")
+    return GeneratedAnswers(model=model.name, version=model.version, prompts=len(prompts), answers=len(answers),
+                            refined=sum(a != b for a, b in zip(answers, first)), path=str(output))
+
+
+def _engine_options(config: FlywheelConfig, workspace: Workspace) -> dict:
+    gen = config.generation
+    return {"compute_type": gen.compute_type, "threads": gen.threads, "cache_dir": workspace.state / "ctranslate2"}
 
 
 def promote(config: FlywheelConfig, workspace: Workspace, ref: str, *, reason: str, actor: str) -> registry.Promotion:

@@ -16,7 +16,7 @@ OnTimeout = Literal["reject", "approve_if_checks_passed"]
 TIMEOUT_REVIEWER = "timeout"
 UNKNOWN_TYPE = "unknown"
 # The text a row trains on, per training table: its judge verdict is the verdict of that sample.
-TRAINED_TEXT = {"pairs": "chosen", "sft": "completion"}
+TRAINED_TEXT = {"pairs": "chosen", "sft": "completion", "samples": "response"}
 # Fields of a decision that belong to the act of deciding, not to the data: kept out of the round's data folder so
 # that a re-run with the same decision versions byte-identical data.
 WALL_CLOCK_FIELDS = frozenset({"decided_at"})

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from flywheel import registry
 from flywheel.config import FlywheelConfig
-from flywheel.dataset import DatasetManifest, build_pairs, build_sft, read_table, write_json, write_parquet
+from flywheel.dataset import DatasetManifest, read_table, write_json, write_parquet
 from flywheel.evaluation import Evaluation
 from flywheel.models import ModelError, atomic_write_text, provision_base
 from flywheel.quality import QualityReport
@@ -82,6 +82,9 @@ class RoundData(Frozen):
     samples: int
     pairs: int
     sft: int
+    strategy: str = "best_of_n"
+    stats: dict[str, float] = {}  # the strategy's own counts (rows refined, searches solved, ...)
+    record_path: str | None = None  # strategy.json: what else the strategy made (principles, guidelines, ...)
 
 
 class QualityResult(Frozen):
@@ -284,8 +287,49 @@ def generate_samples(config: FlywheelConfig, context: RoundContext, split: Promp
                        seconds=seconds, tokens_per_second=tokens / max(seconds, 1e-9))
 
 
+def needs_reward_model(config: FlywheelConfig) -> bool:
+    return "reward_model" in config.feedback.judges or (
+        config.training.method == "grpo" and "reward_model" in config.strategy.grpo.rewards)
+
+
+def accumulated_pairs(workspace: Workspace, before: int) -> list[dict]:
+    """The clean preference pairs of every finished round before ``before``, for the reward model. Pairs of a
+    round a human reviewer approved count twice (weight 2): their data was seen by a person."""
+    rows: list[dict] = []
+    for number in range(1, before):
+        folder = workspace.round_data(number)
+        pairs, review = folder / "pairs.parquet", folder / "review.json"
+        if not pairs.is_file():
+            continue
+        human = review.is_file() and json.loads(review.read_text(encoding="utf-8")).get("mode") == "human"
+        weight = 2 if human else 1
+        rows += [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "weight": weight}
+                 for r in read_table(pairs).to_dict(orient="records")]
+    return rows
+
+
+def prepare_reward_model(config: FlywheelConfig, workspace: Workspace, context: RoundContext) -> Path | None:
+    """Train the round's reward model on the earlier rounds' pairs (once: a resumed round reuses it)."""
+    if not needs_reward_model(config):
+        return None
+    from flywheel.reward import RewardModelError, train_reward_model
+
+    target = Path(context.work_dir) / REWARD_MODEL_DIR
+    if (target / "config.json").is_file():  # written atomically: present means complete
+        return target
+    pairs = accumulated_pairs(workspace, context.number)
+    if not pairs:
+        raise RewardModelError("reward_model: no preference pairs from earlier rounds to train it on; run a "
+                               "round with another judge first (e.g. judges: [verifier])")
+    info = train_reward_model(Path(context.champion.path), pairs, target, config.training, seed=config.seed)
+    log_metrics(workspace, context.run_id, {"reward_model.rows": info.rows, "reward_model.accuracy": info.accuracy,
+                                            "reward_model.train_loss": info.train_loss})
+    return target
+
+
 def judge_samples(config: FlywheelConfig, context: RoundContext, split: PromptSplit,
-                  generations: Generations, base_dir: Path | None = None) -> JudgedSamples:
+                  generations: Generations, base_dir: Path | None = None,
+                  reward_model_dir: Path | None = None) -> JudgedSamples:
     """The recipe's judges score every sample (see ``flywheel.feedback.judge_table``). A judge that leaves more
     rows without a verdict than ``quality.max_failed_fraction`` stops the round before anything is written.
     ``base_dir``: where a relative local teacher folder is found (the workspace root; default: the current one)."""
@@ -300,7 +344,8 @@ def judge_samples(config: FlywheelConfig, context: RoundContext, split: PromptSp
     feedback = config.feedback
     llm = build_llm_judge(config, Path(context.champion.path), base_dir or Path.cwd(),
                           device=resolve_device(config.generation.device),
-                          engine_options=_engine_options(config, Path(context.work_dir)))
+                          engine_options=_engine_options(config, Path(context.work_dir)),
+                          reward_model_dir=reward_model_dir)
     try:
         result = judge_table(prompts, completions, strict=feedback.strict, llm=llm,
                              verifier_decides="verifier" in feedback.judges, llm_scope=feedback.llm_scope,
@@ -319,14 +364,39 @@ def judge_samples(config: FlywheelConfig, context: RoundContext, split: PromptSp
                          agreement_rows=result.agreement_rows)
 
 
-def build_round_data(config: FlywheelConfig, context: RoundContext, judged: JudgedSamples) -> RoundData:
+def build_round_data(config: FlywheelConfig, context: RoundContext, judged: JudgedSamples,
+                     split: PromptSplit | None = None, base_dir: Path | None = None,
+                     models_dir: Path | None = None, progress: Progress | None = None) -> RoundData:
+    """The recipe's strategy (``flywheel.strategies``) turns the judged samples into pairs and SFT rows; the
+    strategies that generate (refinement, SAMI, distillation) run the champion and the round's judges again.
+    ``split`` is needed by those; ``base_dir``: where relative model folders in the recipe are found."""
+    from flywheel.models import resolve_device
+    from flywheel.prompts import load_prompts
+    from flywheel.strategies import build_strategy_data
+
     samples = read_table(Path(judged.path))
-    pairs, sft = build_pairs(samples, config.feedback), build_sft(samples, config.feedback)
     work = Path(context.work_dir)
-    write_parquet(pairs, work / "pairs.parquet")
-    write_parquet(sft, work / "sft.parquet")
+    prompts = load_prompts(Path(split.train_path)) if split is not None else []
+    if config.strategy.name not in ("best_of_n", "grpo") and split is None:
+        raise ValueError(f"strategy {config.strategy.name!r} needs the round's prompts")
+    reward_dir = work / REWARD_MODEL_DIR if "reward_model" in config.feedback.judges else None
+    made = build_strategy_data(config, prompts, samples, champion_dir=Path(context.champion.path),
+                               base_dir=base_dir or Path.cwd(), device=resolve_device(config.generation.device),
+                               engine_options=_engine_options(config, work), reward_model_dir=reward_dir,
+                               models_dir=models_dir, seed=config.seed * 10_000 + context.number, progress=progress)
+    write_parquet(made.pairs, work / "pairs.parquet")
+    write_parquet(made.sft, work / "sft.parquet")
+    record_path = None
+    if made.record:
+        record_path = str(work / STRATEGY_RECORD)
+        write_json({"strategy": config.strategy.name, **made.record}, Path(record_path))
     return RoundData(samples_path=judged.path, pairs_path=str(work / "pairs.parquet"),
-                     sft_path=str(work / "sft.parquet"), samples=len(samples), pairs=len(pairs), sft=len(sft))
+                     sft_path=str(work / "sft.parquet"), samples=len(samples), pairs=len(made.pairs),
+                     sft=len(made.sft), strategy=config.strategy.name, stats=made.stats, record_path=record_path)
+
+
+STRATEGY_RECORD = "strategy.json"
+REWARD_MODEL_DIR = "reward_model"
 
 
 # --- gates ------------------------------------------------------------------------------------------------------
@@ -366,9 +436,14 @@ def quality_gate(config: FlywheelConfig, workspace: Workspace, context: RoundCon
         "validation_result_ids": True, "data_docs_path": True, "context_root": True,
         "tables": {"__all__": {"validation_result_id"}},
     }), data_dir / "quality.json")
+    record_path = None
+    if data.record_path:  # what the strategy made besides its tables (principles, guidelines) is data too
+        record_path = str(data_dir / STRATEGY_RECORD)
+        atomic_write_text(Path(record_path), Path(data.record_path).read_text(encoding="utf-8"))
     clean = RoundData(samples_path=str(paths["samples"]), pairs_path=str(paths["pairs"]), sft_path=str(paths["sft"]),
                       samples=len(outcome.clean["samples"]), pairs=len(outcome.clean["pairs"]),
-                      sft=len(outcome.clean["sft"]))
+                      sft=len(outcome.clean["sft"]), strategy=data.strategy, stats=data.stats,
+                      record_path=record_path)
     return QualityResult(report=outcome.report, quarantine_path=str(quarantine_path), clean=clean,
                          quarantined=len(outcome.quarantine))
 
@@ -385,7 +460,8 @@ def log_quality_artifacts(workspace: Workspace, context: RoundContext, result: Q
 
 
 def training_table(config: FlywheelConfig) -> str:
-    return "pairs" if config.training.method == "dpo" else "sft"
+    """The clean table the candidate trains on (GRPO: the prompts of the round's clean samples)."""
+    return {"dpo": "pairs", "sft": "sft", "sami": "sft", "grpo": "samples"}[config.training.method]
 
 
 def apply_review(config: FlywheelConfig, context: RoundContext, quality: QualityResult,
@@ -452,14 +528,37 @@ def train_candidate(config: FlywheelConfig, workspace: Workspace, context: Round
 
     table = read_table(Path(getattr(quality.clean, f"{training_table(config)}_path")))
     output = workspace.models / config.model.registered_name / "rounds" / context.name
+    rows, options = table.to_dict(orient="records"), {}
+    if config.training.method == "grpo":
+        rows, options = grpo_rows(table, Path(context.data_dir) / "prompts.jsonl"), grpo_options(config, context)
 
     def sink(metrics: dict[str, float], step: int) -> None:
         log_metrics(workspace, context.run_id, {f"train.{k}": v for k, v in metrics.items()}, step)
 
-    return train(Path(context.champion.path), table.to_dict(orient="records"), config.training, output,
+    return train(Path(context.champion.path), rows, config.training, output,
                  seed=config.seed, metrics=sink, checkpoint_dir=Path(context.work_dir) / "checkpoints",
                  metadata={"round": context.number, "parent_version": context.champion.version,
-                           "dataset_md5": dataset.dvc_md5})
+                           "dataset_md5": dataset.dvc_md5, "strategy": config.strategy.name},
+                 method_options=options)
+
+
+def grpo_rows(samples, prompts_path: Path) -> list[dict]:
+    """GRPO trains on prompts: those of the round's clean samples (a prompt whose samples were all quarantined or
+    dropped by a reviewer is left out), with their constraints for the verifier reward."""
+    from flywheel.prompts import load_prompts
+
+    kept = set(samples["prompt_id"])
+    return [{"prompt_id": p.id, "prompt": p.prompt,
+             "constraints": json.dumps(p.model_dump(mode="json")["constraints"])}
+            for p in load_prompts(prompts_path) if p.id in kept]
+
+
+def grpo_options(config: FlywheelConfig, context: RoundContext) -> dict:
+    grpo, gen = config.strategy.grpo, config.generation
+    reward_dir = Path(context.work_dir) / REWARD_MODEL_DIR
+    return {"options": grpo, "max_completion_length": grpo.max_completion_length or gen.max_new_tokens,
+            "temperature": gen.temperature, "strict": config.feedback.strict,
+            "reward_model_dir": reward_dir if "reward_model" in grpo.rewards else None}
 
 
 def _engine_options(config: FlywheelConfig, work_dir: Path) -> dict:
@@ -483,7 +582,10 @@ def _greedy_eval(config: FlywheelConfig, model_dir: Path, split: PromptSplit, pr
                          **_engine_options(config, Path(split.eval_path).parent))
     completions = engine.generate([user_request(p.prompt) for p in prompts], 1,
                                   SamplingParams(max_new_tokens=ev.max_new_tokens), progress)
-    return judge_with_verifiers(prompts, completions, strict=ev.strict)
+    judged = judge_with_verifiers(prompts, completions, strict=ev.strict)
+    # The same answers checked loosely too (IFEval reports both): how much is formatting noise around the answer.
+    loose = judge_with_verifiers(prompts, completions, strict=False)
+    return judged.assign(loose_passed=loose["passed"].to_numpy(), loose_checks=loose["checks"].to_numpy())
 
 
 def check_evaluation_tables(config: FlywheelConfig, workspace: Workspace, context: RoundContext, tables: dict) -> None:
@@ -544,8 +646,8 @@ def describe_version(context: RoundContext, data: RoundData, evaluation: Evaluat
     cand, champ = evaluation.candidate, evaluation.champion
     changes = [f"{kind} {champ.per_type.get(kind, 0):.2f}->{value:.2f}" for kind, value in cand.per_type.items()
                if abs(value - champ.per_type.get(kind, 0)) >= 1e-9]
-    return (f"Trained in {context.name} from version {context.champion.version} on {data.pairs} pairs / {data.sft} SFT "
-            f"rows. Held-out prompt accuracy {champ.prompt_accuracy:.3f} -> {cand.prompt_accuracy:.3f}, "
+    return (f"Trained in {context.name} from version {context.champion.version} ({data.strategy}) on {data.pairs} "
+            f"pairs / {data.sft} SFT rows. Held-out prompt accuracy {champ.prompt_accuracy:.3f} -> {cand.prompt_accuracy:.3f}, "
             f"win rate vs champion {evaluation.win_rate:.3f}. Per type: {', '.join(changes) or 'unchanged'}.")
 
 
@@ -565,6 +667,9 @@ def register_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
             f"{registry.TAG}model_sha256": trained.sha256,
             f"{registry.TAG}review": f"{'approved' if decision.approved else 'rejected'} by {decision.reviewer}",
             f"{registry.TAG}train_loss": f"{trained.train_loss:.6f}",
+            f"{registry.TAG}strategy": quality.clean.strategy,
+            f"{registry.TAG}training_method": trained.method,
+            f"{registry.TAG}judges": ",".join(config.feedback.judges),
             **{f"{registry.TAG}{k}": f"{v:.6f}" for k, v in evaluation.metrics().items() if "type." not in k},
         }
         existing = registry.register_model_dir(
@@ -572,7 +677,7 @@ def register_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
             description=describe_version(context, quality.clean, evaluation),
         )
         mlflow_client = registry.client(uri)
-        for key in ("round_tag", "dataset_md5", "git_commit"):
+        for key in ("round_tag", "dataset_md5", "git_commit", "strategy", "judges"):
             mlflow_client.set_tag(context.run_id, f"{registry.TAG}{key}", tags[f"{registry.TAG}{key}"])
     elif registry.CANDIDATE not in existing.aliases:
         # Registered by an attempt killed before it set the alias: finish that registration, never make a second.

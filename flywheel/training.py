@@ -107,15 +107,17 @@ def train(
     metrics: MetricSink | None = None,
     metadata: dict | None = None,
     checkpoint_dir: Path | None = None,
+    method_options: dict | None = None,
 ) -> TrainedModel:
     """Fine-tune the model in ``base_dir`` on ``rows`` and save the full (merged) model to ``output_dir``.
 
-    DPO rows have ``prompt``, ``chosen``, ``rejected``; SFT rows have ``prompt``, ``completion``. With
+    DPO rows have ``prompt``, ``chosen``, ``rejected``; SFT rows have ``prompt``, ``completion``; SAMI rows are SFT
+    rows with ``constitution`` (see ``flywheel.sami``); GRPO rows are prompts with their ``constraints`` (see
+    ``flywheel.reward``). ``method_options``: the method's own keyword arguments (GRPO's). With
     ``checkpoint_dir``, a checkpoint is saved every ``config.checkpoint_steps`` steps and a re-run resumes from the
     last complete one; the checkpoints are removed once the model is saved.
     """
     import torch
-    from datasets import Dataset
 
     from flywheel.models import load_model, load_tokenizer
 
@@ -127,7 +129,6 @@ def train(
     model = load_model(base_dir, device="cpu", dtype="float32")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
-    dataset = Dataset.from_list([_conversational(row, config.method) for row in rows])
     common = dict(
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
@@ -164,22 +165,8 @@ def train(
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="flywheel-train-") as tmp:
         scratch = str(checkpoint_dir) if checkpoint_dir is not None else tmp
-        if config.method == "dpo":
-            from trl import DPOConfig, DPOTrainer
-
-            args = DPOConfig(output_dir=scratch, beta=config.beta, **common)
-            trainer = DPOTrainer(
-                model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                peft_config=peft_config, callbacks=callbacks,
-            )
-        else:
-            from trl import SFTConfig, SFTTrainer
-
-            args = SFTConfig(output_dir=scratch, **common)
-            trainer = SFTTrainer(
-                model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                peft_config=peft_config, callbacks=callbacks,
-            )
+        trainer = _make_trainer(config, model, tokenizer, rows, common, peft_config, callbacks, scratch,
+                                method_options or {})
         usable = len(trainer.train_dataset)
         if usable == 0:
             raise TrainingError(
@@ -205,6 +192,35 @@ def train(
         train_loss=float(result.training_loss), seconds=seconds, device=device, precision=precision,
         changed_parameters=changed,
     )
+
+
+def _make_trainer(config: TrainingConfig, model, tokenizer, rows: list[dict], common: dict, peft_config, callbacks,
+                  output_dir: str, method_options: dict):
+    """The TRL (or TRL-style) trainer of ``config.method``, ready to ``train()``; ``common``: the arguments every
+    method shares (each trainer's config takes them)."""
+    if config.method in ("dpo", "sft"):
+        from datasets import Dataset
+
+        dataset = Dataset.from_list([_conversational(row, config.method) for row in rows])
+        if config.method == "dpo":
+            from trl import DPOConfig, DPOTrainer
+
+            return DPOTrainer(model=model, args=DPOConfig(output_dir=output_dir, beta=config.beta, **common),
+                              train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+                              callbacks=callbacks)
+        from trl import SFTConfig, SFTTrainer
+
+        return SFTTrainer(model=model, args=SFTConfig(output_dir=output_dir, **common), train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    if config.method == "sami":
+        from flywheel.sami import make_sami_trainer
+
+        return make_sami_trainer(model, tokenizer, rows, common, peft_config, callbacks, output_dir)
+    if config.method == "grpo":
+        from flywheel.reward import make_grpo_trainer
+
+        return make_grpo_trainer(model, tokenizer, rows, common, peft_config, callbacks, output_dir, **method_options)
+    raise TrainingError(f"unknown training method {config.method!r}")
 
 
 def _conversational(row: dict, method: str) -> dict:

@@ -16,3 +16,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that run tiny models (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): a tiny model
+    gains nothing from intra-op threads, and on a busy 2-core machine they only contend."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -153,16 +153,39 @@ def test_export_writes_loadable_model(finished_round, tmp_path):
     assert model.num_parameters() > 0
 
 
+def _cells(stdout: str, label: str) -> list[str]:
+    line = next(line for line in stdout.splitlines() if label in line)
+    return [cell.strip() for cell in line.split("│") if cell.strip()]
+
+
 def test_eval_scores_a_registered_version_as_the_round_did(finished_round):
     workspace, recipe, _ = finished_round
-    # Version 2 is round 1's candidate (later tests in this module may have moved the alias).
-    result = run_cli(workspace, "eval", "v2", "--config", str(recipe), "--workspace", str(workspace))
+    record = json.loads((workspace / ".flywheel" / "rounds" / "round-0001.json").read_text())
+    evaluation = record["evaluation"]
+    # Version 2 is round 1's candidate (later tests in this module may have moved the alias), version 1 its parent.
+    result = run_cli(workspace, "eval", "v2", "--against", "v1", "--config", str(recipe),
+                     "--workspace", str(workspace))
     assert "tiny-policy v2 (v2) on 6 held-out prompts" in result.stdout
     for label in ("prompt accuracy", "instruction accuracy", "truncated share", "perplexity (probe)"):
         assert label in result.stdout
+    _, strict, loose = _cells(result.stdout, "prompt accuracy")
+    assert float(strict) == pytest.approx(evaluation["candidate"]["prompt_accuracy"], abs=1e-3)
+    assert float(loose) >= float(strict)  # loose checks accept whatever strict ones do, and more
+    win = _cells(result.stdout, "win rate vs v1")
+    assert "verifier" in win[0] and float(win[1]) == pytest.approx(evaluation["win_rate"], abs=1e-3)
+
+
+def test_eval_scores_a_model_folder(finished_round):
+    workspace, recipe, _ = finished_round
     record = json.loads((workspace / ".flywheel" / "rounds" / "round-0001.json").read_text())
-    shown = float(next(line for line in result.stdout.splitlines() if "prompt accuracy" in line).split()[-2])
-    assert shown == pytest.approx(record["evaluation"]["candidate"]["prompt_accuracy"], abs=1e-3)
+    folder = record["trained"]["path"]
+    result = run_cli(workspace, "eval", "--model", folder, "--against", "none", "--config", str(recipe))
+    assert f"{folder} ({folder}) on 6 held-out prompts" in result.stdout
+    assert "win rate" not in result.stdout
+    _, strict, _ = _cells(result.stdout, "prompt accuracy")
+    assert float(strict) == pytest.approx(record["evaluation"]["candidate"]["prompt_accuracy"], abs=1e-3)
+    missing = run_cli(workspace, "eval", "--model", str(workspace / "nope"), "--config", str(recipe), check=False)
+    assert missing.returncode != 0 and "model folder not found" in missing.stderr
 
 
 def test_a_round_rerun_from_its_recorded_recipe_reproduces_its_dataset_hash(finished_round, tmp_path):
@@ -174,3 +197,19 @@ def test_a_round_rerun_from_its_recorded_recipe_reproduces_its_dataset_hash(fini
     again.mkdir()
     run_cli(again, "run", "--config", str(snapshot), "--workspace", str(again))
     assert dvc_md5(again, "round-0001") == dvc_md5(workspace, "round-0001")
+
+
+def test_generate_answers_with_inference_time_self_refinement(finished_round, tmp_path):
+    workspace, recipe, _ = finished_round
+    out = tmp_path / "answers.jsonl"
+    result = run_cli(workspace, "generate", "v2", "--out", str(out), "--samples", "2", "--refine", "1",
+                     "--config", str(recipe))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 12 and {r["sample_index"] for r in rows} == {0, 1}  # 6 held-out prompts x 2
+    assert all(r["version"] == "2" and r["model"] == "tiny-policy" for r in rows)
+    refined = sum(r["refined"] for r in rows)
+    assert all((r["response"] != r["first_response"]) == r["refined"] for r in rows)
+    assert f"12 answers to 6 prompts, {refined} changed by 1 refinement round(s)" in result.stdout
+    missing = run_cli(workspace, "generate", "v2", "--out", str(out), "--prompts", str(tmp_path / "none.jsonl"),
+                      "--config", str(recipe), check=False)
+    assert missing.returncode == 2 and "--prompts: file not found" in missing.stderr

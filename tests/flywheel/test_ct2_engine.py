@@ -14,15 +14,7 @@ GREEDY = SamplingParams(max_new_tokens=MAX_NEW)
 SAMPLED = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.95, seed=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Same reason as in test_generation: the tiny model only loses from intra-op threads on a shared machine.
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -276,7 +276,7 @@ def test_verifier_without_verdicts_is_named_too():
 @pytest.mark.parametrize("feedback,fragment", [
     ({"judges": ["verifier", "teacher"]}, "no teacher section"),
     ({"teacher": {"model": "x"}}, "'teacher' is not in judges"),
-    ({"judges": ["self", "teacher"], "teacher": {"model": "x"}}, "not both"),
+    ({"judges": ["self", "teacher"], "teacher": {"model": "x"}}, "one judge besides the verifier"),
     ({"judges": ["verifier", "verifier"]}, "twice"),
     ({"judges": ["self"]}, "set llm_scope: all"),
     ({"judges": ["verifier", "self"], "votes": 2}, "votes (2) is even"),

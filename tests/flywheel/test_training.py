@@ -18,15 +18,7 @@ DPO_ROWS = [
 SFT_ROWS = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in DPO_ROWS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """A tiny model gains nothing from intra-op threads; on a busy 2-core machine they only contend."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _state(model_dir: Path) -> dict:

@@ -1,0 +1,174 @@
+"""Strategies compared: rounds of each strategy's recipe from the same base model, on the default CPU setup.
+
+For every strategy, a fresh scratch workspace runs ``--rounds`` rounds of its recipe in ``configs/`` (each round
+starts from the champion the last one left) and the table reports, per round: the held-out prompt-level and
+instruction-level accuracy (strict and loose) of the round's candidate and of the base, whether it was promoted, the
+judge agreement, the rows the strategy produced, and the round's wall time. Writes bench/out/strategies.json and
+bench/out/strategies.png and logs the table to MLflow.
+
+    .venv/bin/python bench/strategies.py [--rounds 3] [--strategies best_of_n spar ...]
+                                         [--prompts 64] [--eval-limit 48] [--max-new-tokens 96]
+
+``--prompts``, ``--eval-limit`` and ``--max-new-tokens`` override the recipes (smaller: faster, noisier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+RECIPES = {
+    "best_of_n": "default.yaml",
+    "self_refine": "self-refine.yaml",
+    "spar": "spar.yaml",
+    "sami": "sami.yaml",
+    "distill": "distill.yaml",
+    "grpo": "grpo.yaml",
+}
+
+
+def recipe_for(strategy: str, workspace: Path, args: argparse.Namespace) -> Path:
+    """The strategy's shipped recipe with the benchmark's size overrides, written into the scratch workspace."""
+    data = yaml.safe_load((ROOT / "configs" / RECIPES[strategy]).read_text())
+    prompts = data.setdefault("prompts", {})
+    if args.prompts:
+        prompts["per_round"] = args.prompts
+    if args.eval_limit:
+        prompts["eval_limit"] = args.eval_limit
+    if args.max_new_tokens:
+        data.setdefault("generation", {})["max_new_tokens"] = args.max_new_tokens
+        data.setdefault("evaluation", {})["max_new_tokens"] = args.max_new_tokens
+    path = workspace / f"bench-{strategy}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_round(recipe: Path, workspace: Path) -> float:
+    env = dict(os.environ, FLYWHEEL_WORKSPACE=str(workspace))
+    env.pop("PREFECT_API_URL", None)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "flywheel.cli", "run", "--config", str(recipe), "--workspace",
+                    str(workspace)], check=True, env=env, cwd=workspace)
+    return time.perf_counter() - started
+
+
+def round_row(strategy: str, number: int, workspace: Path, seconds: float) -> dict:
+    record = json.loads((workspace / ".flywheel" / "rounds" / f"round-{number:04d}.json").read_text())
+    evaluation = record["evaluation"]
+    candidate, champion = evaluation["candidate"], evaluation["champion"]
+    clean = record["quality"]["clean"]
+    promotion = record.get("promotion") or {}
+    return {
+        "strategy": strategy, "round": number, "seconds": seconds,
+        "prompt_acc": candidate["prompt_accuracy"], "instr_acc": candidate["constraint_accuracy"],
+        "loose_prompt_acc": candidate.get("loose_prompt_accuracy"),
+        "loose_instr_acc": candidate.get("loose_constraint_accuracy"),
+        "champion_prompt_acc": champion["prompt_accuracy"], "champion_instr_acc": champion["constraint_accuracy"],
+        "win_rate": evaluation["win_rate"], "promoted": bool(promotion.get("promoted")),
+        "agreement": record["judged"].get("agreement"), "pass_rate": record["judged"]["pass_rate"],
+        "pairs": clean["pairs"], "sft": clean["sft"], "quarantined": record["quality"]["quarantined"],
+        "train_steps": (record.get("trained") or {}).get("steps"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--strategies", nargs="+", choices=sorted(RECIPES), default=list(RECIPES))
+    parser.add_argument("--prompts", type=int, default=0, help="prompts per round (0: the recipe's)")
+    parser.add_argument("--eval-limit", type=int, default=0, help="held-out prompts scored (0: the recipe's)")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="answer length (0: the recipe's)")
+    parser.add_argument("--workspace", type=Path, default=Path("/tmp/flywheel-bench-strategies"))
+    parser.add_argument("--no-mlflow", action="store_true")
+    args = parser.parse_args()
+    if args.workspace.resolve() == ROOT or ROOT in args.workspace.resolve().parents:
+        raise SystemExit("use a scratch workspace outside the project checkout")
+
+    load_before = common.machine_load()
+    rows: list[dict] = []
+    base: dict[str, float] = {}
+    for strategy in args.strategies:
+        workspace = args.workspace / strategy
+        if workspace.exists():
+            shutil.rmtree(workspace)
+        workspace.mkdir(parents=True)
+        # Every strategy starts from the same provisioned base (the dequantized GGUF, converted once).
+        models = common.OUT / "models"
+        if models.is_dir():
+            shutil.copytree(models, workspace / ".flywheel" / "models", dirs_exist_ok=True)
+        recipe = recipe_for(strategy, workspace, args)
+        for number in range(1, args.rounds + 1):
+            print(f"== {strategy}: round {number} of {args.rounds}", flush=True)
+            seconds = run_round(recipe, workspace)
+            row = round_row(strategy, number, workspace, seconds)
+            if number == 1:
+                base = {"prompt_acc": row["champion_prompt_acc"], "instr_acc": row["champion_instr_acc"]}
+            rows.append(row)
+    for row in rows:
+        row["instr_gain_vs_base"] = row["instr_acc"] - base["instr_acc"] if base else None
+    load_after = common.machine_load()
+
+    print()
+    text = common.print_table(rows, [
+        ("strategy", "strategy", ""), ("round", "round", "d"), ("prompt_acc", "prompt acc", ".3f"),
+        ("instr_acc", "instr acc", ".3f"), ("loose_instr_acc", "instr acc (loose)", ".3f"),
+        ("instr_gain_vs_base", "instr vs base", "+.3f"), ("win_rate", "win rate", ".3f"),
+        ("promoted", "promoted", ""), ("agreement", "judge agreement", ".3f"), ("pass_rate", "sample pass", ".3f"),
+        ("pairs", "pairs", "d"), ("sft", "sft rows", "d"), ("quarantined", "quarantined", "d"),
+        ("seconds", "wall s", ".0f"),
+    ])
+    print(f"\nbase model: prompt acc {base.get('prompt_acc', float('nan')):.3f}, "
+          f"instruction acc {base.get('instr_acc', float('nan')):.3f} (strict)")
+    print(f"load: before {common.load_note(load_before)}; after {common.load_note(load_after)}")
+    settings = {"rounds": args.rounds, "prompts": args.prompts or "recipe", "eval_limit": args.eval_limit or "recipe",
+                "max_new_tokens": args.max_new_tokens or "recipe"}
+    path = common.write_json("strategies", {"settings": settings, "base": base, "rows": rows, "table": text,
+                                            "load": {"before": load_before, "after": load_after}})
+    plot = plot_rows(rows, base)
+    print(f"wrote {path} and {plot}")
+    if not args.no_mlflow:
+        run_id = common.log_to_mlflow("strategies", rows, {**settings, "strategies": args.strategies,
+                                                           "load_before": load_before, "load_after": load_after},
+                                      [path, plot])
+        print(f"logged MLflow run {run_id} in experiment {common.EXPERIMENT}")
+
+
+def plot_rows(rows: list[dict], base: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, ax, title in (("instr_acc", axes[0], "instruction-level accuracy (strict)"),
+                           ("prompt_acc", axes[1], "prompt-level accuracy (strict)")):
+        for strategy in dict.fromkeys(r["strategy"] for r in rows):
+            mine = [r for r in rows if r["strategy"] == strategy]
+            ax.plot([0] + [r["round"] for r in mine], [base.get(key, 0.0)] + [r[key] for r in mine], marker="o",
+                    label=strategy)
+        ax.set_xlabel("round (0: base)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("held-out accuracy of each round's candidate")
+    fig.tight_layout()
+    path = common.OUT / "strategies.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+if __name__ == "__main__":
+    main()

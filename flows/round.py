@@ -98,4 +98,4 @@ def review_round(config: FlywheelConfig, ws: Workspace, context: RoundContext, j
                  quality: QualityResult) -> ReviewDecision:
     """Publish the sample, wait for the decision (pausing is a flow-run operation), record it."""
     sample_ids = publish_review_sample(config, context, judged, quality)
-    return record_review(config, ws, context, quality, await_review(config, quality, sample_ids))
+    return record_review(config, ws, context, quality, judged, await_review(config, quality, sample_ids))

@@ -76,7 +76,9 @@ class EndpointConfig(EndpointOptions):
 
 
 class GenerationConfig(Section):
-    engine: Literal["transformers", "ctranslate2", "openai"] = "transformers"
+    engine: Literal["transformers", "ctranslate2", "vllm", "openai"] = Field(
+        "transformers", description="transformers (CPU or GPU), ctranslate2 (CPU), vllm (CUDA GPU, the vllm extra), "
+                                    "openai (an OpenAI-compatible server).")
     compute_type: Literal["float32", "int8", "int8_float32", "bfloat16", "float16", "int8_float16"] = Field(
         "float32", description="ctranslate2 only. float32 matches the transformers engine's greedy outputs; "
         "int8 is faster on CPU but changes outputs.",
@@ -246,6 +248,19 @@ class TrainingConfig(Section):
                              "training from the last complete one.",
     )
     lora: LoraConfig = LoraConfig()
+    processes: int = Field(
+        1, ge=1, le=64, description="Training processes: more than 1 runs `accelerate launch` as a subprocess, one "
+                                    "process per GPU (on CPU: gloo processes, for testing the launch).")
+    accelerate: Literal["ddp"] = Field(
+        "ddp", description="The accelerate config in infra/accelerate/ used with processes > 1. FSDP and DeepSpeed "
+                           "ZeRO-3 shard the weights, which the training stage does not gather yet.")
+
+    @model_validator(mode="after")
+    def _launchable(self) -> TrainingConfig:
+        if self.processes > 1 and self.method == "grpo":
+            raise ValueError("processes > 1 is not supported with method 'grpo' yet (its reward settings do not "
+                             "travel to the launched processes)")
+        return self
 
 
 DEFAULT_PRINCIPLES = (

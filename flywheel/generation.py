@@ -168,4 +168,18 @@ def make_engine(name: str, model_dir: Path, device: str, batch_size: int, endpoi
 
         return CTranslate2Engine(model_dir, device=device, batch_size=batch_size, compute_type=compute_type,
                                  threads=threads, cache_dir=cache_dir)
-    raise ValueError(f"unknown generation engine {name!r} (available: transformers, ctranslate2, openai)")
+    if name == "vllm":
+        if device != "cuda":
+            raise ValueError(f"generation engine 'vllm' needs a CUDA GPU (generation.device resolved to {device!r})")
+        from flywheel.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_dir, batch_size=batch_size)
+    raise ValueError(f"unknown generation engine {name!r} (available: transformers, ctranslate2, vllm, openai)")
+
+
+def close_engine(engine: object) -> None:
+    """Free what an engine holds (a GPU engine its memory, an HTTP engine its connections) before the next stage
+    loads a model into the same process; engines without resources have no ``close``."""
+    close = getattr(engine, "close", None)
+    if callable(close):
+        close()

@@ -258,7 +258,7 @@ def load_prompt_split(config: FlywheelConfig, workspace: Workspace, context: Rou
 
 def generate_samples(config: FlywheelConfig, context: RoundContext, split: PromptSplit,
                      progress: Progress | None = None) -> Generations:
-    from flywheel.generation import SamplingParams, make_engine, user_request
+    from flywheel.generation import SamplingParams, close_engine, make_engine, user_request
     from flywheel.models import resolve_device
     from flywheel.prompts import load_prompts
 
@@ -276,7 +276,11 @@ def generate_samples(config: FlywheelConfig, context: RoundContext, split: Promp
         fault_point("during:generate")
 
     started = time.perf_counter()
-    completions = engine.generate([user_request(p.prompt) for p in prompts], gen.samples_per_prompt, params, advance)
+    try:
+        completions = engine.generate([user_request(p.prompt) for p in prompts], gen.samples_per_prompt, params,
+                                      advance)
+    finally:
+        close_engine(engine)
     seconds = time.perf_counter() - started
     import pandas as pd
 
@@ -492,6 +496,33 @@ def apply_review(config: FlywheelConfig, context: RoundContext, quality: Quality
     return decision
 
 
+def human_agreement(config: FlywheelConfig, quality: QualityResult, judged: JudgedSamples,
+                    decision: ReviewDecision) -> dict[str, float]:
+    """The reviewer as a judge (``flywheel.judges.HumanJudge``): on the rows they saw, how often their verdict (kept
+    in an approved round: pass; dropped: fail) matches the round's deciding judge. Call before the decision is applied
+    (dropped rows are still in the table). Empty for automatic decisions."""
+    from flywheel.judges import HumanJudge
+    from flywheel.review import annotate_strata
+
+    if decision.mode != "human":
+        return {}
+    table_name = training_table(config)
+    table = annotate_strata(read_table(Path(getattr(quality.clean, f"{table_name}_path"))),
+                            read_table(Path(judged.path)), table_name)
+    human = HumanJudge.from_review(decision, table.to_dict(orient="records"))
+    seen = [(row_id, verdict) for row_id, verdict in zip(table["row_id"], table["verdict"])
+            if row_id in set(decision.sample_ids) | set(decision.dropped_ids) and verdict in ("pass", "fail")]
+    text = {"pairs": "chosen", "sft": "completion", "samples": "response"}[table_name]
+    by_id = dict(zip(table["row_id"], zip(table["prompt_id"], table[text])))
+    agree = rows = 0
+    for row_id, verdict in seen:
+        ok = human.verdicts.get((by_id[row_id][0], str(by_id[row_id][1]).strip()))
+        if ok is not None:
+            rows += 1
+            agree += ok == (verdict == "pass")
+    return {"judge.human_rows": float(rows), **({"judge.human_agreement": agree / rows} if rows else {})}
+
+
 def tag_review(workspace: Workspace, context: RoundContext, decision: ReviewDecision) -> None:
     """The decision as ``flywheel.review.*`` tags on the round's MLflow run: who, when, what, which rows were seen."""
     from mlflow.entities import RunTag
@@ -535,11 +566,33 @@ def train_candidate(config: FlywheelConfig, workspace: Workspace, context: Round
     def sink(metrics: dict[str, float], step: int) -> None:
         log_metrics(workspace, context.run_id, {f"train.{k}": v for k, v in metrics.items()}, step)
 
-    return train(Path(context.champion.path), rows, config.training, output,
-                 seed=config.seed, metrics=sink, checkpoint_dir=Path(context.work_dir) / "checkpoints",
-                 metadata={"round": context.number, "parent_version": context.champion.version,
-                           "dataset_md5": dataset.dvc_md5, "strategy": config.strategy.name},
-                 method_options=options)
+    metadata = {"round": context.number, "parent_version": context.champion.version,
+                "dataset_md5": dataset.dvc_md5, "strategy": config.strategy.name}
+    checkpoints = Path(context.work_dir) / "checkpoints"
+    if config.training.processes > 1:
+        return _launch_training(config, context, rows, output, metadata, checkpoints, sink)
+    return train(Path(context.champion.path), rows, config.training, output, seed=config.seed, metrics=sink,
+                 checkpoint_dir=checkpoints, metadata=metadata, method_options=options)
+
+
+def _launch_training(config: FlywheelConfig, context: RoundContext, rows: list[dict], output: Path, metadata: dict,
+                     checkpoints: Path, sink) -> TrainedModel:
+    """``training.processes`` > 1: the same ``train`` in every process of an ``accelerate launch`` subprocess (one per
+    GPU); its log and files stay in the round's state folder."""
+    from flywheel.launch import LaunchSpec, accelerate_config_for, launch_training, write_rows
+    from flywheel.models import resolve_device
+
+    work = Path(context.work_dir) / "launch"
+    work.mkdir(parents=True, exist_ok=True)
+    rows_path = work / "rows.jsonl"
+    write_rows(rows, rows_path)
+    spec = LaunchSpec(base_dir=Path(context.champion.path), rows_path=rows_path, config=config.training,
+                      output_dir=output, result_path=work / "result.json", seed=config.seed, metadata=metadata,
+                      checkpoint_dir=checkpoints, metrics_path=work / "metrics.jsonl")
+    on_cpu = resolve_device(config.training.device) == "cpu"
+    return launch_training(spec, processes=config.training.processes, cpu=on_cpu,
+                           accelerate_config=None if on_cpu else accelerate_config_for(config.training.accelerate),
+                           log_path=work / "train.log", metrics=sink)
 
 
 def grpo_rows(samples, prompts_path: Path) -> list[dict]:
@@ -570,7 +623,7 @@ def _engine_options(config: FlywheelConfig, work_dir: Path) -> dict:
 
 def _greedy_eval(config: FlywheelConfig, model_dir: Path, split: PromptSplit, progress: Progress | None):
     from flywheel.feedback import judge_with_verifiers
-    from flywheel.generation import SamplingParams, make_engine, user_request
+    from flywheel.generation import SamplingParams, close_engine, make_engine, user_request
     from flywheel.models import resolve_device
     from flywheel.prompts import load_prompts
 
@@ -580,8 +633,11 @@ def _greedy_eval(config: FlywheelConfig, model_dir: Path, split: PromptSplit, pr
     engine_name = "transformers" if config.generation.engine == "openai" else config.generation.engine
     engine = make_engine(engine_name, model_dir, resolve_device(config.generation.device), ev.batch_size,
                          **_engine_options(config, Path(split.eval_path).parent))
-    completions = engine.generate([user_request(p.prompt) for p in prompts], 1,
-                                  SamplingParams(max_new_tokens=ev.max_new_tokens), progress)
+    try:
+        completions = engine.generate([user_request(p.prompt) for p in prompts], 1,
+                                      SamplingParams(max_new_tokens=ev.max_new_tokens), progress)
+    finally:
+        close_engine(engine)
     judged = judge_with_verifiers(prompts, completions, strict=ev.strict)
     # The same answers checked loosely too (IFEval reports both): how much is formatting noise around the answer.
     loose = judge_with_verifiers(prompts, completions, strict=False)

@@ -185,6 +185,6 @@ def _typed(frame, columns: list[str]):
 
 
 def _close(resource) -> None:
-    close = getattr(resource, "close", None)
-    if callable(close):
-        close()
+    from flywheel.generation import close_engine
+
+    close_engine(resource)

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from flywheel.config import TrainingConfig
-from flywheel.models import atomic_write_text, resolve_device, save_model
+from flywheel.models import ModelRef, atomic_write_text, read_metadata, resolve_device, save_model
 
 
 class TrainingError(RuntimeError):
@@ -74,7 +74,7 @@ def _checkpoint_callback():
             from flywheel.faults import fault_point
 
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
+            if folder.is_dir() and state.is_world_process_zero:  # one marker writer under `accelerate launch`
                 for path in folder.rglob("*"):
                     if path.is_file():
                         with path.open("rb") as handle:
@@ -93,7 +93,7 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
                    key=lambda p: int(p.name.split("-")[-1]))
     complete = [p for p in found if (p / COMPLETE_MARKER).is_file()]
     for partial in (p for p in found if p not in complete):
-        shutil.rmtree(partial)
+        shutil.rmtree(partial, ignore_errors=True)  # launched processes may race to remove the same one
     return complete[-1] if complete else None
 
 
@@ -184,8 +184,14 @@ def train(
     changed = moved / max(1, len(before))
     if moved == 0:
         raise TrainingError("training finished but no parameter changed: check learning_rate and the data")
-    ref = save_model(trained, tokenizer, output_dir, source=f"trained:{config.method}", **(metadata or {}))
-    if checkpoint_dir is not None:
+    # Under `accelerate launch` every process gets here with the same weights; one writer, the others wait for it.
+    main_process = trainer.accelerator.is_main_process
+    if main_process:
+        ref = save_model(trained, tokenizer, output_dir, source=f"trained:{config.method}", **(metadata or {}))
+    trainer.accelerator.wait_for_everyone()
+    if not main_process:
+        ref = ModelRef(path=str(output_dir), sha256=read_metadata(output_dir)["sha256"], source=f"trained:{config.method}")
+    if checkpoint_dir is not None and main_process:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the saved model supersedes them (GBs each)
     return TrainedModel(
         path=ref.path, sha256=ref.sha256, method=config.method, rows=len(rows), rows_used=usable, steps=result.global_step,

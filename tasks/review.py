@@ -80,7 +80,10 @@ def await_review(config: FlywheelConfig, quality: stages.QualityResult, sample_i
 
 @task(name="record-review")
 def record_review(config: FlywheelConfig, workspace: Workspace, context: stages.RoundContext,
-                  quality: stages.QualityResult, decision: ReviewDecision) -> ReviewDecision:
+                  quality: stages.QualityResult, judged: stages.JudgedSamples,
+                  decision: ReviewDecision) -> ReviewDecision:
+    # The reviewer is a judge too: how far their verdicts agree with the round's, before dropped rows move.
+    stages.log_metrics(workspace, context.run_id, stages.human_agreement(config, quality, judged, decision))
     decision = stages.apply_review(config, context, quality, decision)
     stages.tag_review(workspace, context, decision)
     return decision

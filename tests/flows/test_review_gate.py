@@ -70,6 +70,12 @@ def test_required_review_pauses_and_resumes(tiny_model_dir, tmp_path, approve):
     tags = registry.client(uri).get_run(record["run_id"]).data.tags
     assert tags["flywheel.review.reviewer"] == "alice" and tags["flywheel.review.approved"] == str(approve).lower()
     assert json.loads(tags["flywheel.review.dropped_ids"]) == [drop]
+    # The reviewer as a judge: verdicts on the rows they saw (kept: pass, only when approved; dropped: fail),
+    # compared with the round's judge.
+    found = registry.client(uri).get_run(record["run_id"]).data.metrics
+    seen = set(record["review"]["sample_ids"]) | {drop}
+    assert found["judge.human_rows"] == (len(seen) if approve else 1)
+    assert 0.0 <= found["judge.human_agreement"] <= 1.0
     if approve:
         assert record["status"] == "completed"
         assert registry.get_version(uri, "tiny-policy", "2").tags["flywheel.review"] == "approved by alice"

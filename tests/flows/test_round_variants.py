@@ -56,3 +56,24 @@ def test_quality_gate_stops_round_and_keeps_quarantine(tiny_model_dir, tmp_path)
         filter_string="tags.`flywheel.round` = '1'")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert runs[0].data.tags["flywheel.failure"].startswith("QualityGateError")
+
+
+def test_a_round_trains_in_two_launched_processes(tiny_model_dir, tmp_path):
+    """training.processes: 2 runs `accelerate launch` (gloo processes on CPU, one per GPU on a GPU machine)."""
+    import pytest
+
+    pytest.importorskip("accelerate")
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    recipe = write_recipe(workspace / "recipe.yaml", tiny_recipe(
+        tiny_model_dir, training__method="sft", training__processes=2, training__max_steps=1,
+        training__batch_size=1))
+    run_cli(workspace, "run", "--config", str(recipe))
+    record = json.loads((workspace / ".flywheel" / "rounds" / "round-0001.json").read_text())
+    trained = record["trained"]
+    assert trained["method"] == "sft" and trained["steps"] == 1 and trained["changed_parameters"] > 0
+    launch = workspace / ".flywheel" / "work" / "round-0001" / "launch"
+    log = (launch / "train.log").read_text()
+    assert "flywheel.launch" in log and json.loads((launch / "result.json").read_text())["sha256"] == trained["sha256"]
+    uri = f"sqlite:///{workspace / '.flywheel' / 'mlflow.db'}"
+    assert registry.get_version(uri, "tiny-policy", "candidate").version == "2"

@@ -131,7 +131,9 @@ def test_cut_at_eos():
 
 def test_make_engine(lively_model_dir):
     assert isinstance(make_engine("transformers", lively_model_dir, "cpu", 4), TransformersEngine)
-    with pytest.raises(ValueError, match="unknown generation engine 'vllm'.*ctranslate2"):
+    with pytest.raises(ValueError, match="unknown generation engine 'sglang'.*ctranslate2, vllm"):
+        make_engine("sglang", lively_model_dir, "cpu", 4)
+    with pytest.raises(ValueError, match="'vllm' needs a CUDA GPU"):
         make_engine("vllm", lively_model_dir, "cpu", 4)
 
 

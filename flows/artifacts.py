@@ -50,3 +50,27 @@ def publish_round(record: RoundRecord, registered_name: str, tracking_uri: str) 
         lines.append(f"- [Great Expectations Data Docs]({Path(data_docs).resolve().as_uri()})")
     create_markdown_artifact("\n".join(lines) + "\n", key=artifact_key("round-summary", registered_name),
                              description=f"{record.name} of {registered_name}")
+    if record.evaluation is not None:
+        publish_plot(record, registered_name, tracking_uri)
+
+
+def publish_plot(record: RoundRecord, registered_name: str, tracking_uri: str) -> None:
+    """Accuracy per instruction type and the loss curve: an image on the run page and a file on the MLflow run."""
+    import tempfile
+    from pathlib import Path
+
+    from prefect.artifacts import create_image_artifact
+
+    from flywheel import registry
+    from flywheel.plots import data_url, round_plot
+
+    assert record.evaluation is not None
+    mlflow_client = registry.client(tracking_uri)
+    loss = [(m.step, m.value) for m in mlflow_client.get_metric_history(record.run_id, "train.loss")]
+    with tempfile.TemporaryDirectory(prefix="flywheel-plot-") as tmp:
+        path = round_plot(record.evaluation.champion.per_type, record.evaluation.candidate.per_type, loss,
+                          f"{registered_name} {record.name}: v{record.parent_version} -> candidate",
+                          Path(tmp) / f"{record.name}.png")
+        mlflow_client.log_artifact(record.run_id, str(path), artifact_path="plots")
+        create_image_artifact(data_url(path), key=artifact_key("round-plot", registered_name),
+                              description=f"{record.name}: held-out accuracy per instruction type, training loss")

@@ -14,5 +14,13 @@ def flywheel(config: FlywheelConfig = FlywheelConfig(), rounds: int = 1, workspa
              wait: bool = False, restart: bool = False) -> list[RoundRecord]:
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
-    # ``restart`` concerns the unfinished round this run may find, i.e. only the first.
-    return [flywheel_round(config, workspace, wait=wait, restart=restart and i == 0) for i in range(rounds)]
+    from flows.artifacts import publish_round
+    from flywheel.workspace import Workspace
+
+    records = []
+    for i in range(rounds):
+        # ``restart`` concerns the unfinished round this run may find, i.e. only the first.
+        record = flywheel_round(config, workspace, wait=wait, restart=restart and i == 0)
+        publish_round(record, config.model.registered_name, Workspace.from_config(config, workspace).tracking_uri)
+        records.append(record)
+    return records

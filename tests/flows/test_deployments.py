@@ -200,9 +200,12 @@ def test_schedule_creates_a_round_that_completes(served):
     assert registry.get_version(_mlflow(served), "tiny-policy", "champion").version == "2"
     artifacts = _artifacts(first.id)
     keys = {a.key for a in artifacts}
-    assert {"round-results-tiny-policy", "round-per-type-tiny-policy", "round-summary-tiny-policy"} <= keys
+    assert {"round-results-tiny-policy", "round-per-type-tiny-policy", "round-summary-tiny-policy",
+            "round-plot-tiny-policy"} <= keys
     summary = next(a for a in artifacts if a.key == "round-summary-tiny-policy").data
     assert "champion at start: v1" in summary and "candidate: v2" in summary
+    plot = next(a for a in artifacts if a.key == "round-plot-tiny-policy")
+    assert plot.type == "image" and plot.data.startswith("data:image/png;base64,")
 
 
 @pytest.mark.server

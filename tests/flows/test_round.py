@@ -213,3 +213,10 @@ def test_generate_answers_with_inference_time_self_refinement(finished_round, tm
     missing = run_cli(workspace, "generate", "v2", "--out", str(out), "--prompts", str(tmp_path / "none.jsonl"),
                       "--config", str(recipe), check=False)
     assert missing.returncode == 2 and "--prompts: file not found" in missing.stderr
+
+
+def test_the_round_plot_is_logged_with_the_round(finished_round):
+    workspace, _, _ = finished_round
+    record = json.loads((workspace / ".flywheel" / "rounds" / "round-0001.json").read_text())
+    mlflow_client = registry.client(f"sqlite:///{workspace / '.flywheel' / 'mlflow.db'}")
+    assert [a.path for a in mlflow_client.list_artifacts(record["run_id"], "plots")] == ["plots/round-0001.png"]

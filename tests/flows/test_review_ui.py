@@ -209,3 +209,32 @@ def test_rejection_in_the_prefect_ui_stops_training_and_keeps_the_data(prefect_u
         assert (data / name).is_file(), name
     assert set(review["sample_ids"]) <= set(read_table(data / "sft.parquet")["row_id"])
     assert json.loads((data / "review.json").read_text())["approved"] is False
+
+
+def test_the_round_plot_renders_on_the_artifact_page(prefect_ui, tmp_path):
+    """The plot is an image artifact with the PNG inline (a data: URL): the UI must show it with no file server."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from flywheel.plots import data_url, round_plot
+
+    path = round_plot({"all_lowercase": 0.5}, {"all_lowercase": 0.75}, [(1, 0.7), (2, 0.6)], "ui check",
+                      tmp_path / "plot.png")
+    script = ("from prefect.artifacts import create_image_artifact; import sys; "
+              "print(create_image_artifact(sys.argv[1], key='round-plot-ui-check'))")
+    created = subprocess.run([str(BIN / "python"), "-c", script, data_url(path)], capture_output=True, text=True,
+                             env=quiet_env(PREFECT_API_URL=f"{prefect_ui}/api"), check=True)
+    artifact_id = created.stdout.strip().splitlines()[-1]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        page.set_default_timeout(STEP_MS)
+        try:
+            page.goto(f"{prefect_ui}/artifacts/artifact/{artifact_id}")
+            image = page.locator("img[src^='data:image/png;base64,']").first
+            expect(image).to_be_visible()
+            assert image.evaluate("img => img.complete && img.naturalWidth") > 1000  # the PNG decoded, 1200 px wide
+        except Exception:
+            page.screenshot(path=str(tmp_path / "ui-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()

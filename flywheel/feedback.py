@@ -64,14 +64,11 @@ def judge_table(
     checked = verifier.judge_with_checks(items)
     verifiable = [i for i, (prompt, _) in enumerate(items) if prompt.constraints]
 
-    decided_by_llm: set[int] = set()
+    decided_by_llm = {i for i, (prompt, _) in enumerate(items)
+                      if llm_decides(prompt, llm is not None, verifier_decides, llm_scope)}
     extra: list[int] = []
-    if llm is not None:
-        if llm_scope == "all" or not verifier_decides:
-            decided_by_llm = set(range(len(items)))
-        else:
-            decided_by_llm = set(range(len(items))) - set(verifiable)
-            extra = sorted(random.Random(seed).sample(verifiable, min(agreement_sample, len(verifiable))))
+    if llm is not None and llm_scope == "unverifiable" and verifier_decides:
+        extra = sorted(random.Random(seed).sample(verifiable, min(agreement_sample, len(verifiable))))
     llm_rows = sorted(decided_by_llm | set(extra))
     llm_verdicts: dict[int, JudgeVerdict] = {}
     if llm is not None and llm_rows:
@@ -120,6 +117,12 @@ def judge_table(
     )
 
 
+def llm_decides(prompt: Prompt, has_llm: bool, verifier_decides: bool,
+                llm_scope: Literal["unverifiable", "all"]) -> bool:
+    """Whether the LLM judge (not the verifier) decides a row of this prompt."""
+    return has_llm and (llm_scope == "all" or not verifier_decides or not prompt.constraints)
+
+
 def check_verdicts(judged: JudgedTable, max_no_verdict: float, llm: Judge | None = None) -> None:
     """Stop when a judge left too many rows without a verdict (above ``max_no_verdict``), naming the judge."""
     if llm is not None and judged.llm_rows and judged.llm_no_verdict / judged.llm_rows > max_no_verdict:
@@ -156,8 +159,7 @@ class RoundJudge:
         self.source = self.verifier.source if llm is None else f"{self.verifier.source}; {llm.source}"
 
     def _llm_decides(self, prompt: Prompt) -> bool:
-        return self.llm is not None and (self.llm_scope == "all" or not self.verifier_decides
-                                         or not prompt.constraints)
+        return llm_decides(prompt, self.llm is not None, self.verifier_decides, self.llm_scope)
 
     def deterministic_for(self, items: Sequence[tuple[Prompt, str]]) -> bool:
         """True when only the (deterministic) verifier decides these pairs: asking again gives the same verdicts."""

@@ -106,7 +106,7 @@ def _score(config: FlywheelConfig, workspace: Workspace, model: ResolvedModel, p
     count = sum(1 for line in prompts_path.read_text().splitlines() if line.strip())
     split = PromptSplit(train_path=str(prompts_path), eval_path=str(prompts_path), train=0, eval=count,
                         round_prompts=0)
-    return _greedy_eval(config, Path(model.path), split, progress)
+    return _greedy_eval(config, Path(model.path), split, progress, workspace.state)
 
 
 def _win_rate(config: FlywheelConfig, workspace: Workspace, prompts_path: Path, judged, other_judged,
@@ -160,13 +160,14 @@ def generate_answers(config: FlywheelConfig, workspace: Workspace, ref: str, out
     from flywheel.generation import SamplingParams, make_engine, user_request
     from flywheel.models import atomic_write_text, resolve_device
     from flywheel.prompts import load_prompts
+    from flywheel.stages import _engine_options
 
     model = resolve_model(config, workspace, ref)
     prompts = load_prompts(prompts_path or held_out_prompts(config, workspace))
     gen = config.generation
     engine_name = "transformers" if gen.engine == "openai" else gen.engine
     engine = make_engine(engine_name, Path(model.path), resolve_device(gen.device), gen.batch_size,
-                         **_engine_options(config, workspace))
+                         **_engine_options(config, workspace.state))
     params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature if samples > 1 else 0.0,
                             top_p=gen.top_p, seed=config.seed)
     completions = engine.generate([user_request(p.prompt) for p in prompts], samples, params, progress)
@@ -184,11 +185,6 @@ def generate_answers(config: FlywheelConfig, workspace: Workspace, ref: str, out
     atomic_write_text(output, "\n".join(lines) + "\n")
     return GeneratedAnswers(model=model.name, version=model.version, prompts=len(prompts), answers=len(answers),
                             refined=sum(a != b for a, b in zip(answers, first)), path=str(output))
-
-
-def _engine_options(config: FlywheelConfig, workspace: Workspace) -> dict:
-    gen = config.generation
-    return {"compute_type": gen.compute_type, "threads": gen.threads, "cache_dir": workspace.state / "ctranslate2"}
 
 
 def promote(config: FlywheelConfig, workspace: Workspace, ref: str, *, reason: str, actor: str) -> registry.Promotion:

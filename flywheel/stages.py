@@ -265,7 +265,7 @@ def generate_samples(config: FlywheelConfig, context: RoundContext, split: Promp
     prompts = load_prompts(Path(split.train_path))
     gen = config.generation
     engine = make_engine(gen.engine, Path(context.champion.path), resolve_device(gen.device), gen.batch_size,
-                         endpoint=gen.openai, **_engine_options(config, Path(context.work_dir)))
+                         endpoint=gen.openai, **_engine_options(config, _state_dir(context)))
     params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                             seed=config.seed * 10_000 + context.number)
     from flywheel.faults import fault_point
@@ -348,7 +348,7 @@ def judge_samples(config: FlywheelConfig, context: RoundContext, split: PromptSp
     feedback = config.feedback
     llm = build_llm_judge(config, Path(context.champion.path), base_dir or Path.cwd(),
                           device=resolve_device(config.generation.device),
-                          engine_options=_engine_options(config, Path(context.work_dir)),
+                          engine_options=_engine_options(config, _state_dir(context)),
                           reward_model_dir=reward_model_dir)
     try:
         result = judge_table(prompts, completions, strict=feedback.strict, llm=llm,
@@ -368,26 +368,25 @@ def judge_samples(config: FlywheelConfig, context: RoundContext, split: PromptSp
                          agreement_rows=result.agreement_rows)
 
 
-def build_round_data(config: FlywheelConfig, context: RoundContext, judged: JudgedSamples,
-                     split: PromptSplit | None = None, base_dir: Path | None = None,
-                     models_dir: Path | None = None, progress: Progress | None = None) -> RoundData:
+def build_round_data(config: FlywheelConfig, context: RoundContext, judged: JudgedSamples, split: PromptSplit,
+                     base_dir: Path | None = None, models_dir: Path | None = None,
+                     progress: Progress | None = None) -> RoundData:
     """The recipe's strategy (``flywheel.strategies``) turns the judged samples into pairs and SFT rows; the
     strategies that generate (refinement, SAMI, distillation) run the champion and the round's judges again.
-    ``split`` is needed by those; ``base_dir``: where relative model folders in the recipe are found."""
+    ``base_dir``: where relative model folders in the recipe are found."""
     from flywheel.models import resolve_device
     from flywheel.prompts import load_prompts
     from flywheel.strategies import build_strategy_data
 
     samples = read_table(Path(judged.path))
     work = Path(context.work_dir)
-    prompts = load_prompts(Path(split.train_path)) if split is not None else []
-    if config.strategy.name not in ("best_of_n", "grpo") and split is None:
-        raise ValueError(f"strategy {config.strategy.name!r} needs the round's prompts")
+    prompts = load_prompts(Path(split.train_path))
     reward_dir = work / REWARD_MODEL_DIR if "reward_model" in config.feedback.judges else None
     made = build_strategy_data(config, prompts, samples, champion_dir=Path(context.champion.path),
                                base_dir=base_dir or Path.cwd(), device=resolve_device(config.generation.device),
-                               engine_options=_engine_options(config, work), reward_model_dir=reward_dir,
-                               models_dir=models_dir, seed=config.seed * 10_000 + context.number, progress=progress)
+                               engine_options=_engine_options(config, _state_dir(context)),
+                               reward_model_dir=reward_dir, models_dir=models_dir,
+                               seed=config.seed * 10_000 + context.number, progress=progress)
     write_parquet(made.pairs, work / "pairs.parquet")
     write_parquet(made.sft, work / "sft.parquet")
     record_path = None
@@ -502,7 +501,7 @@ def human_agreement(config: FlywheelConfig, quality: QualityResult, judged: Judg
     in an approved round: pass; dropped: fail) matches the round's deciding judge. Call before the decision is applied
     (dropped rows are still in the table). Empty for automatic decisions."""
     from flywheel.judges import HumanJudge
-    from flywheel.review import annotate_strata
+    from flywheel.review import TRAINED_TEXT, annotate_strata
 
     if decision.mode != "human":
         return {}
@@ -510,9 +509,10 @@ def human_agreement(config: FlywheelConfig, quality: QualityResult, judged: Judg
     table = annotate_strata(read_table(Path(getattr(quality.clean, f"{table_name}_path"))),
                             read_table(Path(judged.path)), table_name)
     human = HumanJudge.from_review(decision, table.to_dict(orient="records"))
+    looked_at = set(decision.sample_ids) | set(decision.dropped_ids)
     seen = [(row_id, verdict) for row_id, verdict in zip(table["row_id"], table["verdict"])
-            if row_id in set(decision.sample_ids) | set(decision.dropped_ids) and verdict in ("pass", "fail")]
-    text = {"pairs": "chosen", "sft": "completion", "samples": "response"}[table_name]
+            if row_id in looked_at and verdict in ("pass", "fail")]
+    text = TRAINED_TEXT[table_name]
     by_id = dict(zip(table["row_id"], zip(table["prompt_id"], table[text])))
     agree = rows = 0
     for row_id, verdict in seen:
@@ -614,14 +614,19 @@ def grpo_options(config: FlywheelConfig, context: RoundContext) -> dict:
             "reward_model_dir": reward_dir if "reward_model" in grpo.rewards else None}
 
 
-def _engine_options(config: FlywheelConfig, work_dir: Path) -> dict:
-    """The ctranslate2 engine's settings; converted models are cached in the workspace's state dir (work_dir is
-    ``<state>/work/round-NNNN``), next to the model store, keyed by each model's sha256."""
+def _engine_options(config: FlywheelConfig, state_dir: Path) -> dict:
+    """The ctranslate2 engine's settings; converted models are cached in the workspace's state dir, next to the
+    model store, keyed by each model's sha256 (rounds, standalone evaluation and generation share the cache)."""
     gen = config.generation
-    return {"compute_type": gen.compute_type, "threads": gen.threads, "cache_dir": work_dir.parents[1] / "ctranslate2"}
+    return {"compute_type": gen.compute_type, "threads": gen.threads, "cache_dir": state_dir / "ctranslate2"}
 
 
-def _greedy_eval(config: FlywheelConfig, model_dir: Path, split: PromptSplit, progress: Progress | None):
+def _state_dir(context: RoundContext) -> Path:
+    return Path(context.work_dir).parents[1]  # work_dir is <state>/work/round-NNNN
+
+
+def _greedy_eval(config: FlywheelConfig, model_dir: Path, split: PromptSplit, progress: Progress | None,
+                 state_dir: Path):
     from flywheel.feedback import judge_with_verifiers
     from flywheel.generation import SamplingParams, close_engine, make_engine, user_request
     from flywheel.models import resolve_device
@@ -632,7 +637,7 @@ def _greedy_eval(config: FlywheelConfig, model_dir: Path, split: PromptSplit, pr
     # Evaluation scores local model folders (the fresh candidate above all), which an endpoint does not serve.
     engine_name = "transformers" if config.generation.engine == "openai" else config.generation.engine
     engine = make_engine(engine_name, model_dir, resolve_device(config.generation.device), ev.batch_size,
-                         **_engine_options(config, Path(split.eval_path).parent))
+                         **_engine_options(config, state_dir))
     try:
         completions = engine.generate([user_request(p.prompt) for p in prompts], 1,
                                       SamplingParams(max_new_tokens=ev.max_new_tokens), progress)
@@ -681,11 +686,11 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
         champion = read_table(cache)
         champion_perplexity = json.loads(probe_cache.read_text())["perplexity"]
     else:
-        champion = _greedy_eval(config, Path(context.champion.path), split, progress)
+        champion = _greedy_eval(config, Path(context.champion.path), split, progress, workspace.state)
         champion_perplexity = perplexity(Path(context.champion.path), device=device)
         write_parquet(champion, cache)
         write_json({"perplexity": champion_perplexity}, probe_cache)
-    candidate = _greedy_eval(config, Path(trained.path), split, progress)
+    candidate = _greedy_eval(config, Path(trained.path), split, progress, workspace.state)
     work = Path(context.work_dir)
     write_parquet(candidate, work / "eval_candidate.parquet")
     write_parquet(champion, work / "eval_champion.parquet")

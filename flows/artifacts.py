@@ -27,7 +27,8 @@ def publish_round(record: RoundRecord, registered_name: str, tracking_uri: str) 
         ev = record.evaluation
         kinds = sorted(set(ev.candidate.per_type) | set(ev.champion.per_type))
         create_table_artifact(
-            [{"instruction type": k, "champion": round(ev.champion.per_type.get(k, 0.0), 4),
+            [{"instruction type": k, "instructions": ev.champion.per_type_count.get(k),
+              "champion": round(ev.champion.per_type.get(k, 0.0), 4),
               "candidate": round(ev.candidate.per_type.get(k, 0.0), 4)} for k in kinds],
             key=artifact_key("round-per-type", registered_name),
             description=f"Held-out accuracy per instruction type, {record.name}")

@@ -333,7 +333,8 @@ def evaluate(ref: Annotated[str | None, typer.Argument(
     table.add_row("instruction accuracy", f"{scores.constraint_accuracy:.3f}",
                   loose(scores.loose_constraint_accuracy))
     for kind, share in sorted(scores.per_type.items()):
-        table.add_row(f"  {kind}", f"{share:.3f}", "")
+        count = scores.per_type_count.get(kind)
+        table.add_row(f"  {kind}" + (f" (n={count})" if count else ""), f"{share:.3f}", "")
     table.add_row("truncated share", f"{scores.truncated_share:.3f}", "")
     table.add_row("perplexity (probe)", f"{result.perplexity:.2f}", "")
     if result.win_rate is not None:

@@ -76,9 +76,10 @@ class EndpointConfig(EndpointOptions):
 
 
 class GenerationConfig(Section):
-    engine: Literal["transformers", "ctranslate2", "vllm", "openai"] = Field(
+    engine: Literal["auto", "transformers", "ctranslate2", "vllm", "openai"] = Field(
         "transformers", description="transformers (CPU or GPU), ctranslate2 (CPU), vllm (CUDA GPU, the vllm extra), "
-                                    "openai (an OpenAI-compatible server).")
+                                    "openai (an OpenAI-compatible server); auto: ctranslate2 on CPU, transformers on "
+                                    "a GPU (both give plain transformers' greedy answers).")
     compute_type: Literal["float32", "int8", "int8_float32", "bfloat16", "float16", "int8_float16"] = Field(
         "float32", description="ctranslate2 only. float32 matches the transformers engine's greedy outputs; "
         "int8 is faster on CPU but changes outputs.",
@@ -99,7 +100,7 @@ class GenerationConfig(Section):
             raise ValueError("engine 'openai' needs an openai section with base_url and model")
         if self.engine != "openai" and self.openai is not None:
             raise ValueError(f"an openai section is set but engine is {self.engine!r}: set engine: openai or drop it")
-        if self.engine != "ctranslate2" and self.compute_type != "float32":
+        if self.engine not in ("ctranslate2", "auto") and self.compute_type != "float32":
             raise ValueError(
                 f"compute_type {self.compute_type!r} needs engine 'ctranslate2' (engine is {self.engine!r})"
             )
@@ -379,6 +380,11 @@ class PromotionConfig(Section):
     min_gain: float = Field(0.0, ge=-1, le=1, description="Held-out prompt accuracy must improve by more than this.")
     max_type_regression: float | None = Field(
         0.1, ge=0, le=1, description="No instruction type may lose more accuracy than this (None: unchecked)."
+    )
+    min_type_support: int = Field(
+        10, ge=0, description="Types with fewer held-out instructions than this are reported, not checked for "
+                              "regression: on 2-6 items one flipped answer is a 0.17-0.5 drop, noise that would "
+                              "refuse every candidate and stop the rounds from compounding (0: check every type).",
     )
     max_perplexity_increase: float | None = Field(
         0.05, ge=0, description="Relative perplexity rise allowed on the general-text probe (None: unchecked)."

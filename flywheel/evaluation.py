@@ -13,6 +13,8 @@ class ModelScores(BaseModel):
     prompt_accuracy: float  # share of prompts whose response satisfies every constraint
     constraint_accuracy: float  # share of all constraints satisfied
     per_type: dict[str, float]  # instruction type -> share satisfied
+    # instruction type -> instructions of that type scored (empty in records made before it was kept)
+    per_type_count: dict[str, int] = {}
     truncated_share: float  # responses cut at the token limit
     mean_tokens: float
     # The same answers checked loosely (markdown stripped, first/last line dropped): None where not computed.
@@ -72,6 +74,7 @@ def summarize(judged) -> ModelScores:
         prompt_accuracy=float(judged["passed"].mean()),
         constraint_accuracy=satisfied / count if count else 0.0,
         per_type={kind: v[0] / v[1] for kind, v in sorted(totals.items())},
+        per_type_count={kind: v[1] for kind, v in sorted(totals.items())},
         truncated_share=float((~judged["finished"].astype(bool)).mean()),
         mean_tokens=float(judged["n_tokens"].mean()),
     )
@@ -116,7 +119,7 @@ def compare(candidate_judged, champion_judged) -> Evaluation:
 
 def promotion_verdict(evaluation: Evaluation, human_approved: bool, *, min_gain: float,
                       max_type_regression: float | None, max_perplexity_increase: float | None,
-                      require_human_approval: bool) -> tuple[bool, list[str]]:
+                      require_human_approval: bool, min_type_support: int = 0) -> tuple[bool, list[str]]:
     """Whether a candidate meets the promotion policy, with every reason it does or does not."""
     reasons, ok = [], True
     gain = evaluation.accuracy_gain
@@ -127,8 +130,15 @@ def promotion_verdict(evaluation: Evaluation, human_approved: bool, *, min_gain:
         reasons.append(f"accuracy gain {gain:+.3f} <= min_gain {min_gain}")
     if max_type_regression is not None:
         champion = evaluation.champion.per_type
+        # Both models answered the same prompts, so the champion's counts are the candidate's. A record without
+        # counts (made before they were kept) checks every type, as it always did.
+        support = evaluation.champion.per_type_count
+        thin = sorted(k for k in champion if support and support.get(k, 0) < min_type_support)
         drops = {k: champion[k] - v for k, v in evaluation.candidate.per_type.items()
-                 if k in champion and champion[k] - v > max_type_regression + 1e-12}
+                 if k in champion and k not in thin and champion[k] - v > max_type_regression + 1e-12}
+        if thin:
+            reasons.append(f"{len(thin)} instruction types with fewer than {min_type_support} held-out instructions "
+                           f"not checked for regression: {', '.join(thin)}")
         if drops:
             ok = False
             worst = ", ".join(f"{k} -{d:.3f}" for k, d in sorted(drops.items(), key=lambda kv: -kv[1]))

@@ -758,7 +758,7 @@ def decide_promotion(config: FlywheelConfig, workspace: Workspace, registration:
     ok, reasons = promotion_verdict(
         evaluation, decision.approved and decision.mode == "human", min_gain=policy.min_gain,
         max_type_regression=policy.max_type_regression, max_perplexity_increase=policy.max_perplexity_increase,
-        require_human_approval=policy.require_human_approval,
+        require_human_approval=policy.require_human_approval, min_type_support=policy.min_type_support,
     )
     summary = "; ".join(reasons)
     if policy.mode == "manual":

@@ -32,6 +32,19 @@ def test_sft_round_on_user_prompt_file(tiny_model_dir, tmp_path):
     assert registry.get_version(uri, "tiny-policy", "candidate").version == "2"
 
 
+def test_auto_engine_round_generates_and_evaluates_with_ctranslate2_on_cpu(tiny_model_dir, tmp_path):
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    recipe = write_recipe(workspace / "recipe.yaml", tiny_recipe(
+        tiny_model_dir, generation__engine="auto", generation__threads=1, generation__samples_per_prompt=2))
+    run_cli(workspace, "run", "--config", str(recipe))
+    record = json.loads((workspace / ".flywheel" / "rounds" / "round-0001.json").read_text())
+    assert record["status"] == "completed" and record["generations"]["samples"] > 0
+    # Converted once per model and cached by sha256: the champion (generation, evaluation) and the candidate.
+    converted = [p for p in (workspace / ".flywheel" / "ctranslate2").iterdir() if p.is_dir()]
+    assert len(converted) == 2, converted
+
+
 def test_quality_gate_stops_round_and_keeps_quarantine(tiny_model_dir, tmp_path):
     workspace = tmp_path / "ws"
     workspace.mkdir()

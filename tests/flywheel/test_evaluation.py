@@ -104,12 +104,12 @@ def test_mismatched_prompt_sets_raise(candidate, champion):
         compare(candidate, champion)
 
 
-def _evaluation(cand_acc, champ_acc, cand_types, champ_types, cand_ppl=10.0, champ_ppl=10.0):
+def _evaluation(cand_acc, champ_acc, cand_types, champ_types, cand_ppl=10.0, champ_ppl=10.0, counts=None):
     from flywheel.evaluation import Evaluation, ModelScores
 
     def scores(acc, types):
         return ModelScores(prompts=10, prompt_accuracy=acc, constraint_accuracy=acc, per_type=types,
-                           truncated_share=0.0, mean_tokens=5.0)
+                           per_type_count=counts or {}, truncated_share=0.0, mean_tokens=5.0)
 
     return Evaluation(candidate=scores(cand_acc, cand_types), champion=scores(champ_acc, champ_types),
                       win_rate=0.5, accuracy_gain=cand_acc - champ_acc, candidate_perplexity=cand_ppl,
@@ -125,6 +125,16 @@ POLICY = dict(min_gain=0.0, max_type_regression=0.1, max_perplexity_increase=0.0
     (_evaluation(0.6, 0.4, {"a": 0.9, "b": 0.2}, {"a": 0.4, "b": 0.5}), False, POLICY, False,
      "instruction types regressed beyond 0.1: b -0.300"),
     (_evaluation(0.6, 0.4, {"a": 0.9, "b": 0.45}, {"a": 0.4, "b": 0.5}), False, POLICY, True, "accuracy gain"),
+    # b lost 0.5 on 2 instructions: below the support floor it is reported, not held against the candidate.
+    (_evaluation(0.6, 0.4, {"a": 0.9, "b": 0.0}, {"a": 0.4, "b": 0.5}, counts={"a": 12, "b": 2}), False,
+     {**POLICY, "min_type_support": 10}, True, "1 instruction types with fewer than 10 held-out instructions not "
+                                               "checked for regression: b"),
+    # The same drop on 12 instructions is checked.
+    (_evaluation(0.6, 0.4, {"a": 0.9, "b": 0.0}, {"a": 0.4, "b": 0.5}, counts={"a": 12, "b": 12}), False,
+     {**POLICY, "min_type_support": 10}, False, "instruction types regressed beyond 0.1: b -0.500"),
+    # A record without counts (older rounds) checks every type whatever the floor.
+    (_evaluation(0.6, 0.4, {"a": 0.9, "b": 0.0}, {"a": 0.4, "b": 0.5}), False,
+     {**POLICY, "min_type_support": 10}, False, "instruction types regressed beyond 0.1: b -0.500"),
     (_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}, cand_ppl=11.0), False, POLICY, False,
      "probe perplexity rose +10.0% > 5.0%"),
     (_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}, cand_ppl=11.0), False,
@@ -140,3 +150,13 @@ def test_promotion_verdict(evaluation, human, policy, promoted, reason):
     ok, reasons = promotion_verdict(evaluation, human, **policy)
     assert ok is promoted
     assert any(reason in r for r in reasons), reasons
+
+
+def test_summary_counts_instructions_per_type():
+    judged = pd.DataFrame({
+        "checks": [json.dumps({"a": True, "b": False}), json.dumps({"a": False})],
+        "passed": [False, False], "finished": [True, True], "n_tokens": [3, 4],
+    })
+    scores = summarize(judged)
+    assert scores.per_type_count == {"a": 2, "b": 1}
+    assert scores.per_type == {"a": 0.5, "b": 0.0}

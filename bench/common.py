@@ -126,3 +126,78 @@ def log_to_mlflow(name: str, rows: list[dict], params: dict, files: list[Path], 
         for path in files:
             mlflow.log_artifact(str(path))
         return run.info.run_id
+
+
+def run_measured(command: list[str], *, env: dict[str, str], cwd: Path, log: Path, poll_s: float = 0.5) -> dict:
+    """Run ``command`` as a child process, its output into ``log``; returns its wall seconds, exit code and two
+    memory peaks, in MiB.
+
+    ``peak_rss_mib``: the kernel's high-water mark of resident memory of the largest single process of the child's
+    tree (``os.wait4``'s ru_maxrss for this one child: exact, never a sample, and fresh for every child, unlike
+    ``getrusage(RUSAGE_CHILDREN)``, which keeps the maximum over every child this process ever waited for).
+    ``peak_tree_rss_mib``: the largest sum of RSS over the child and all its descendants (embedded servers, git and
+    DVC subprocesses), sampled every ``poll_s`` with psutil: it counts the whole tree but can miss a shorter spike.
+    """
+    import subprocess
+    import threading
+
+    import psutil
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    peak_tree = 0
+    done = threading.Event()
+
+    def sample(pid: int) -> None:
+        nonlocal peak_tree
+        try:
+            root = psutil.Process(pid)
+        except psutil.Error:
+            return
+        while not done.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:  # the child has exited (or is exiting)
+                return
+            total = 0
+            for process in tree:
+                try:
+                    total += process.memory_info().rss
+                except psutil.Error:  # a short-lived descendant ended between the listing and the read
+                    continue
+            peak_tree = max(peak_tree, total)
+            done.wait(poll_s)
+
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT)
+        sampler = threading.Thread(target=sample, args=(process.pid,), daemon=True)
+        sampler.start()
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            done.set()
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    seconds = time.perf_counter() - started
+    sampler.join()
+    return {"seconds": seconds, "returncode": process.returncode, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "peak_tree_rss_mib": peak_tree / 2**20}
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated under ``path``, as ``du -s`` counts them (blocks, a hard-linked file once); 0 if absent."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for folder, dirs, files in os.walk(path):
+        for name in [".", *dirs, *files]:
+            info = os.lstat(os.path.join(folder, name))
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_blocks * 512
+    return total

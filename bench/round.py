@@ -54,6 +54,28 @@ def stage_times(workspace: Path) -> tuple[list[tuple[str, float]], float]:
     return [(name, (end - start).total_seconds()) for name, start, end in stages], flow_seconds
 
 
+def orchestration_overhead(workspace: Path, stages: dict[str, float], wall: float) -> dict:
+    """Model compute against everything else in the round's process (Prefect, MLflow, DVC, GX, file I/O, model
+    loading and conversion). Compute is the generation engine's own time and the trainer's (both from the round
+    record) plus the whole evaluate stage (greedy answers of two models and the perplexity probe; its model loading
+    is counted as compute, which flatters the overhead a little). Provisioning the base model (download and
+    dequantization, first round only) is reported apart."""
+    records = sorted((workspace / ".flywheel" / "rounds").glob("round-*.json"))
+    if not records:
+        raise SystemExit(f"no round record under {workspace / '.flywheel' / 'rounds'}")
+    record = json.loads(records[-1].read_text())
+    generate = float(record["generations"]["seconds"])
+    train = float(record["trained"]["seconds"]) if record.get("trained") else 0.0
+    evaluate = stages.get("evaluate", 0.0)
+    provision = stages.get("resolve-champion", 0.0)
+    compute = generate + train + evaluate
+    rest = wall - compute
+    return {"generate_seconds": generate, "train_seconds": train, "evaluate_seconds": evaluate,
+            "compute_seconds": compute, "overhead_seconds": rest, "overhead_share": rest / wall,
+            "provision_seconds": provision,
+            "overhead_share_without_provisioning": (rest - provision) / (wall - provision)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
@@ -78,10 +100,17 @@ def main() -> None:
         print(f"{name:24} {seconds:9.1f} {seconds / flow_seconds:7.1%}")
     print(f"{'(between tasks)':24} {flow_seconds - accounted:9.1f} {(flow_seconds - accounted) / flow_seconds:7.1%}")
 
+    overhead = orchestration_overhead(args.workspace, dict(stages), wall)
+    print(f"model compute {overhead['compute_seconds']:.1f} s (generation engine {overhead['generate_seconds']:.1f}, "
+          f"training {overhead['train_seconds']:.1f}, evaluate stage {overhead['evaluate_seconds']:.1f}); "
+          f"everything else {overhead['overhead_seconds']:.1f} s = {overhead['overhead_share']:.1%} of the process "
+          f"wall time; without the one-time base provisioning ({overhead['provision_seconds']:.1f} s): "
+          f"{overhead['overhead_share_without_provisioning']:.1%}")
+
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     report = {"config": str(args.config), "process_seconds": wall, "flow_seconds": flow_seconds,
-              "load": {"before": load_before, "after": load_after},
+              "load": {"before": load_before, "after": load_after}, "overhead": overhead,
               "stages": [{"stage": n, "seconds": s} for n, s in stages]}
     (out / "round.json").write_text(json.dumps(report, indent=2))
     import matplotlib
@@ -101,7 +130,8 @@ def main() -> None:
         rows = [{"stage": n, "seconds": s, "share": s / flow_seconds} for n, s in stages]
         run_id = common.log_to_mlflow("round", rows, {
             "config": args.config.name, "load_before": load_before, "load_after": load_after,
-        }, [out / "round.json", out / "round.png"], metrics={"flow_seconds": flow_seconds, "process_seconds": wall})
+        }, [out / "round.json", out / "round.png"], metrics={"flow_seconds": flow_seconds, "process_seconds": wall,
+                                                             "overhead_share": overhead["overhead_share"]})
         print(f"logged MLflow run {run_id} in experiment {common.EXPERIMENT}")
 
 

@@ -1,7 +1,8 @@
 """Deployments: the scheduled round (cron from the recipe, nightly by default), evaluation only, and promotion.
 
 `flywheel serve` runs them in its own process against a Prefect server; `flywheel deploy` registers them with a
-work pool for `prefect worker start --pool ...`. At most one round per registered model runs at a time: a round
+work pool for `prefect worker start --pool ...`, plus one deployment per stage that ``deployment.stage_pools`` routes
+to a pool of its own (flows/stages.py). At most one round per registered model runs at a time: a round
 holds the Prefect global concurrency limit ``flywheel-round-<registered_name>`` (limit 1) from start to finish, so
 two schedules, a manual run and a retry can never train from the same champion at once.
 """
@@ -19,6 +20,7 @@ from flows.evaluate import evaluate_model
 from flows.notifications import emit_champion_changed
 from flows.promote import promote_model
 from flows.round import flywheel_round
+from flows.stages import STAGE_FLOW_OBJECTS
 from flywheel.config import FlywheelConfig
 from flywheel.operations import round_slot_name
 from flywheel.stages import RoundRecord
@@ -95,6 +97,13 @@ def build_deployments(config: FlywheelConfig, workspace: str, cron: str | None =
             raise ValueError(f"deployment.{problem['loc'][0]}: {problem['msg'].removeprefix('Value error, ')}") from None
     params = {"config": config.model_dump(mode="json"), "workspace": str(workspace)}
     common = dict(tags=run_tags(config), entrypoint_type=EntrypointType.MODULE_PATH)
+    # A routed stage's deployment carries its pool; the round passes the round context when it runs it.
+    routed = [
+        STAGE_FLOW_OBJECTS[stage].to_deployment(
+            config.name, parameters=params, work_pool_name=pool,
+            description=f"The {stage} stage of {config.model.registered_name}'s rounds, on work pool {pool}", **common)
+        for stage, pool in config.deployment.stage_pools.items()
+    ]
     return [
         scheduled_round.to_deployment(
             config.name, parameters=params,
@@ -107,34 +116,48 @@ def build_deployments(config: FlywheelConfig, workspace: str, cron: str | None =
         promote_model.to_deployment(
             config.name, parameters={**params, "version": "candidate", "action": "promote"},
             description=f"Move the champion alias of {config.model.registered_name}", **common),
+        *routed,
     ]
+
+
+def work_pools(config: FlywheelConfig, work_pool: str | None = None) -> list[str]:
+    """The pools `deploy` registers with: the round's, then each routed stage's (each once)."""
+    return list(dict.fromkeys([work_pool or config.deployment.work_pool, *config.deployment.stage_pools.values()]))
 
 
 def serve(config: FlywheelConfig, workspace: str, cron: str | None = None, limit: int | None = None) -> None:
     """Register the deployments and run their scheduled and triggered runs in this process until interrupted."""
     from prefect import serve as prefect_serve
 
+    if config.deployment.stage_pools:
+        # A served round has no workers to hand a stage to; running it here instead would ignore the recipe.
+        routes = ", ".join(f"{stage} -> {pool}" for stage, pool in config.deployment.stage_pools.items())
+        raise ValueError(f"deployment.stage_pools routes stages to work pools ({routes}), which `flywheel serve` "
+                         f"cannot use: register with `flywheel deploy` and start a worker per pool, or remove "
+                         f"stage_pools to serve")
     prefect_serve(*build_deployments(config, workspace, cron), limit=limit, print_starting_message=True)
 
 
 def deploy(config: FlywheelConfig, workspace: str, cron: str | None = None, work_pool: str | None = None) -> list[str]:
-    """Register the deployments with a process work pool (created if missing); a worker runs them."""
+    """Register the deployments with their work pools (each created as a process pool if missing): the round's
+    pool, and for each routed stage (``deployment.stage_pools``) its own. A worker per pool runs them."""
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
 
     pool = work_pool or config.deployment.work_pool
     with get_client(sync_client=True) as client:
-        try:
-            client.read_work_pool(pool)
-        except ObjectNotFound:
-            from prefect.workers.process import ProcessWorker
+        for name in work_pools(config, work_pool):
+            try:
+                client.read_work_pool(name)
+            except ObjectNotFound:
+                from prefect.workers.process import ProcessWorker
 
-            client.create_work_pool(WorkPoolCreate(
-                name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
+                client.create_work_pool(WorkPoolCreate(
+                    name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
     ensure_round_slot(config)
     names = []
     for deployment in build_deployments(config, workspace, cron):
-        deployment.apply(work_pool_name=pool)
+        deployment.apply(work_pool_name=deployment.work_pool_name or pool)
         names.append(deployment.full_name)
     return names

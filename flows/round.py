@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows.stages import dispatch_stage
 from flywheel.config import FlywheelConfig
 from flywheel.evaluation import Evaluation
 from flywheel.journal import StageJournal, set_aside
@@ -60,8 +61,12 @@ def run_stages(config: FlywheelConfig, ws: Workspace, context: RoundContext, res
         set_aside(journal_dir)
     journal = StageJournal(journal_dir, context.name, context.config_hash)
     logger = get_run_logger()
+    routed = config.deployment.stage_pools
 
     def stage(name, kind, task, *args):
+        if name in routed:
+            # Its own flow run on its work pool; it journals the output, which dispatch_stage reads back.
+            task, args = dispatch_stage, (name, config, ws, context, journal)
         return journal.run(name, kind, task, *args, on_resume=logger.info)
 
     split = stage("prompts", PromptSplit, load_prompts, config, ws, context)

@@ -116,9 +116,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from flywheel.versioning import VersioningError
     from flywheel.workspace import WorkspaceBusy
 
+    # A routed stage's failed flow run (flows/stages.py, loaded with the round flow; importing it here would load
+    # Prefect on every early error).
+    routed = sys.modules.get("flows.stages")
     return (ConfigError, JournalError, ModelError, PromptFileError, QualityGateError, RegistryError, TrainingError,
             VersioningError, WorkspaceBusy, PreflightError, DiskFullError, EngineError, JudgeError, DistillError,
-            RewardModelError)
+            RewardModelError, *((routed.StageRunFailed,) if routed else ()))
 
 
 def summary_rows(record) -> dict[str, str]:
@@ -503,7 +506,8 @@ def deploy(config: ConfigOption = None, workspace: WorkspaceOption = None, cron:
            notify_url: Annotated[Optional[str], typer.Option(
                envvar="FLYWHEEL_NOTIFY_URL", help="Webhook for failure, review and promotion notifications.")] = None,
            ) -> None:
-    """Register the round, evaluation and promotion deployments with a work pool on the Prefect server."""
+    """Register the round, evaluation and promotion deployments with a work pool on the Prefect server (and each
+    stage that deployment.stage_pools routes with its own pool)."""
     cfg, ws = _setup(config, workspace)
     _require_server("deploy")
     from flows import deployments
@@ -518,7 +522,8 @@ def deploy(config: ConfigOption = None, workspace: WorkspaceOption = None, cron:
         from flows.notifications import install_notifications
 
         typer.echo("notifications: " + ", ".join(install_notifications(notify_url)))
-    typer.echo(f"start a worker with: prefect worker start --pool {pool or cfg.deployment.work_pool}")
+    for name in deployments.work_pools(cfg, pool):
+        typer.echo(f"start a worker with: prefect worker start --pool {name}")
 
 
 def main() -> None:

@@ -300,6 +300,17 @@ class SparConfig(Section):
     max_answers: int = Field(64, ge=1, description="Most failed answers searched in one round.")
     refine_max_new_tokens: int | None = Field(None, ge=1, le=4096, description="None: generation.max_new_tokens.")
     temperature: float = Field(0.8, ge=0)
+    refiner: Literal["policy", "trained"] = Field(
+        "policy", description="Who refines: 'policy' (the champion itself; its refiner rows stay in the SFT table) "
+                              "or 'trained' (a separate model, registered as '<model.registered_name>-refiner', "
+                              "that starts from the policy's weights and is trained with SFT on each round's "
+                              "clean refiner rows in the train stage; it has no held-out evaluation).")
+    refiner_learning_rate: float | None = Field(None, gt=0, description="The refiner's SFT learning rate "
+                                                                        "(refiner: trained). None: "
+                                                                        "training.learning_rate.")
+    refiner_max_steps: int | None = Field(None, ge=-1, description="The refiner's SFT steps (refiner: trained; -1: "
+                                                                   "training.epochs over its rows). None: "
+                                                                   "training.max_steps.")
 
 
 class SamiConfig(Section):
@@ -399,6 +410,10 @@ class StorageConfig(Section):
     tag_prefix: str = Field("round-", pattern=r"^[A-Za-z0-9._-]+$")
 
 
+# Stages `deployment.stage_pools` can send to a work pool of their own (flows/stages.py).
+RoutableStage = Literal["generate", "train", "evaluate"]
+
+
 class DeploymentConfig(Section):
     """How `flywheel deploy` / `flywheel serve` schedule rounds on a Prefect server."""
 
@@ -409,6 +424,19 @@ class DeploymentConfig(Section):
     round_slot_timeout_s: int | None = Field(
         None, ge=1, description="How long a round waits for the model's round slot (None: as long as it takes).",
     )
+    stage_pools: dict[RoutableStage, str] = Field(
+        default_factory=dict,
+        description="Work pool per stage run as its own flow run (e.g. {train: flywheel-gpu}); a stage not listed "
+                    "runs inside the round's flow run. The workspace must be on a volume every pool's workers see.",
+    )
+
+    @field_validator("stage_pools")
+    @classmethod
+    def _named_pools(cls, value: dict[str, str]) -> dict[str, str]:
+        for stage, pool in value.items():
+            if not pool.strip():
+                raise ValueError(f"{stage}: work pool name is empty")
+        return value
 
     @field_validator("timezone")
     @classmethod

@@ -121,7 +121,9 @@ class CTranslate2Engine:
             # CTranslate2 draws from a per-thread generator seeded when its worker thread first samples, and a
             # later set_random_seed does not reach it: a fresh Generator (fresh threads) is the only way to make
             # the same seed give the same samples. One load per sampled call; greedy calls keep the loaded one.
-            ctranslate2.set_random_seed(params.seed * 1_000_003 + 1)
+            # CTranslate2 takes a 32-bit seed (a larger one is a TypeError): a nonzero recipe seed or a chunk's
+            # seed scales past it.
+            ctranslate2.set_random_seed((params.seed * 1_000_003 + 1) % 2**32)
             self._generator = None  # release the old copy before loading the new one
             self._generator = self._load()
         eos = set(self.eos_ids)

@@ -85,6 +85,23 @@ class StageJournal:
         fault_point(f"after:{stage}")
         return value
 
+    def recorded(self, stage: str, kind: type[T]) -> T:
+        """A finished stage's recorded output, read by name without moving the journal's position.
+
+        A routed stage's flow run reads its inputs this way, and the round reads back what that run recorded.
+        """
+        entries = list(self.folder.glob(f"[0-9][0-9]-{stage}.json"))
+        if not entries:
+            raise JournalError(f"{self.round_name}: no finished {stage} stage in {self.folder} (a routed stage needs "
+                               f"the round's workspace on a volume every worker sees, at the same path)")
+        return kind.model_validate(json.loads(entries[0].read_text())["value"])
+
+    def seek(self, stage: str) -> None:
+        """Continue at ``stage`` as the round's own journal reaches it: at its entry if it has one, else right after
+        the last finished stage (the round journaled every earlier stage and waits for this one)."""
+        positions = {p.stem.split("-", 1)[1]: int(p.name[:2]) for p in self.folder.glob("[0-9][0-9]-*.json")}
+        self._position = positions.get(stage, max(positions.values(), default=-1) + 1)
+
     def record(self, stage: str, value: BaseModel) -> None:
         entry = self._entry(self._position - 1, stage)
         payload = {"stage": stage, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,10 +1,11 @@
 """Checks a round runs before it does any work: everything it can learn in a second or two about its input and its
 storage, so that bad input fails up front with one clear line instead of an hour into a round.
 
-``preflight`` checks, in order: the workspace and the state folder can be written and have room, the DVC remote
-is a writable folder (or a URL whose DVC plugin is installed and whose host resolves), the prompt file loads and
-splits, and, on first use, the base model folder is complete (and matches its recorded checksums). It writes
-nothing but a probe file it removes at once. Errors name the file, folder, URL or recipe field concerned.
+``preflight`` checks, in order: a recipe that routes stages to work pools has a Prefect server to send them to, the
+workspace and the state folder can be written and have room, the DVC remote is a writable folder (or a URL whose
+DVC plugin is installed and whose host resolves), the prompt file loads and splits, and, on first use, the base
+model folder is complete (and matches its recorded checksums). It writes nothing but a probe file it removes at once.
+Errors name the file, folder, URL or recipe field concerned.
 """
 
 from __future__ import annotations
@@ -234,8 +235,22 @@ def _has_champion(config: FlywheelConfig, workspace) -> bool:
     return registry.find_version(uri, config.model.registered_name, registry.CHAMPION) is not None
 
 
+def check_stage_pools(config: FlywheelConfig) -> None:
+    """Routed stages run on workers through the server's deployments: without a server there is nowhere to send them."""
+    if not config.deployment.stage_pools:
+        return
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        routes = ", ".join(f"{stage} -> {pool}" for stage, pool in config.deployment.stage_pools.items())
+        raise PreflightError(f"deployment.stage_pools routes stages to work pools ({routes}): that needs a Prefect "
+                             f"server (PREFECT_API_URL) with the recipe deployed (`flywheel deploy`) and a worker per "
+                             f"pool; remove stage_pools to run every stage here")
+
+
 def preflight(config: FlywheelConfig, workspace) -> None:
     """Every cheap check, before a round writes anything (see the module docstring)."""
+    check_stage_pools(config)
     check_storage(config, workspace)
     check_prompts(config, workspace.root)
     check_base_model(config, workspace)

@@ -120,8 +120,10 @@ def register_model_dir(
     tags: dict[str, str],
     description: str,
     aliases: tuple[str, ...] = (),
+    artifact_path: str = "model",
 ) -> VersionInfo:
-    """Log the model folder as the run's ``model`` artifact and register it as a new version."""
+    """Log the model folder as the run's ``artifact_path`` artifact and register it as a new version (a run that
+    registers two models, the policy and the SPaR refiner, logs each under its own path)."""
     from mlflow.exceptions import MlflowException
 
     mlflow_client = client(tracking_uri)
@@ -131,10 +133,10 @@ def register_model_dir(
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         mlflow_client.create_registered_model(name, description="Policy trained by the flywheel, round by round.")
-    mlflow_client.log_artifacts(run_id, str(model_dir), artifact_path="model")
+    mlflow_client.log_artifacts(run_id, str(model_dir), artifact_path=artifact_path)
     run = mlflow_client.get_run(run_id)
     version = mlflow_client.create_model_version(
-        name, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags, description=description
+        name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id, tags=tags, description=description
     )
     for alias in aliases:
         mlflow_client.set_registered_model_alias(name, alias, version.version)
@@ -166,7 +168,8 @@ def materialize(tracking_uri: str, info: VersionInfo, store: Path) -> Path:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".v{info.version}."))
     try:
         mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(staging), tracking_uri=tracking_uri)
-        downloaded = staging / "model" if (staging / "model").is_dir() else staging
+        folder = staging / info.source.rstrip("/").rsplit("/", 1)[-1]  # the artifact path: model, refiner
+        downloaded = folder if folder.is_dir() else staging
         check_model_dir(downloaded)
         actual = model_sha256(downloaded)
         if expected and actual != expected:

@@ -17,6 +17,7 @@ from flywheel import registry
 from flywheel.config import FlywheelConfig
 from flywheel.dataset import DatasetManifest, read_table, write_json, write_parquet
 from flywheel.evaluation import Evaluation
+from flywheel.generation import SamplingParams
 from flywheel.models import ModelError, atomic_write_text, provision_base
 from flywheel.quality import QualityReport
 from flywheel.review import ReviewDecision
@@ -85,6 +86,7 @@ class RoundData(Frozen):
     strategy: str = "best_of_n"
     stats: dict[str, float] = {}  # the strategy's own counts (rows refined, searches solved, ...)
     record_path: str | None = None  # strategy.json: what else the strategy made (principles, guidelines, ...)
+    refiner_version: str | None = None  # SPaR with a trained refiner: the refiner version that refined the answers
 
 
 class QualityResult(Frozen):
@@ -256,39 +258,203 @@ def load_prompt_split(config: FlywheelConfig, workspace: Workspace, context: Rou
                        train=len(train), eval=len(held_out), round_prompts=len(chosen))
 
 
+# Prompts answered per part file (at least one engine batch of them, see _chunk_prompts): generation holds one
+# chunk's completions in memory, and a crash loses at most one chunk's work. Part of each part's key, so changing it
+# regenerates rather than mixes chunkings.
+GENERATION_CHUNK_PROMPTS = 64
+_PART_KEY = b"flywheel.part_key"
+_PART_SECONDS = b"flywheel.generate_seconds"
+
+
 def generate_samples(config: FlywheelConfig, context: RoundContext, split: PromptSplit,
                      progress: Progress | None = None) -> Generations:
-    from flywheel.generation import SamplingParams, close_engine, make_engine, user_request
+    """Every training prompt answered ``samples_per_prompt`` times, streamed in chunks of
+    ``GENERATION_CHUNK_PROMPTS`` (or a batch of) prompts: each chunk goes to its own part file (atomically) under
+    ``<work_dir>/generations/``, so memory holds one chunk and a re-run after a crash keeps the finished chunks. The
+    parts are then concatenated, in prompt order, into ``generations.parquet``."""
+    from flywheel.faults import fault_point
+    from flywheel.generation import EngineError, close_engine, make_engine, user_request
     from flywheel.models import resolve_device
     from flywheel.prompts import load_prompts
 
     prompts = load_prompts(Path(split.train_path))
     gen = config.generation
-    engine = make_engine(gen.engine, Path(context.champion.path), resolve_device(gen.device), gen.batch_size,
-                         endpoint=gen.openai, **_engine_options(config, _state_dir(context)))
-    params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-                            seed=config.seed * 10_000 + context.number)
-    from flywheel.faults import fault_point
+    parts_dir = Path(context.work_dir) / "generations"
+    chunks = _generation_chunks(config, context, prompts)
+    engine = None
 
     def advance(done: int) -> None:
         if progress:
             progress(done)
         fault_point("during:generate")
 
-    started = time.perf_counter()
     try:
-        completions = engine.generate([user_request(p.prompt) for p in prompts], gen.samples_per_prompt, params,
-                                      advance)
+        for chunk in chunks:
+            path = parts_dir / f"part-{chunk.index:05d}.parquet"
+            if _part_is_complete(path, chunk):
+                if progress:
+                    progress(chunk.rows)  # the progress bar counts every sample, reused ones too
+                continue
+            if engine is None:  # loaded only when a chunk is missing: a complete stage re-run never loads the model
+                engine = make_engine(gen.engine, Path(context.champion.path), resolve_device(gen.device),
+                                     gen.batch_size, endpoint=gen.openai,
+                                     **_engine_options(config, _state_dir(context)))
+            started = time.perf_counter()
+            completions = engine.generate([user_request(p.prompt) for p in prompts[chunk.start:chunk.stop]],
+                                          gen.samples_per_prompt, chunk.params, advance)
+            seconds = time.perf_counter() - started
+            if len(completions) != chunk.rows:
+                raise EngineError(f"generation engine {gen.engine!r} returned {len(completions)} completions for "
+                                  f"{chunk.stop - chunk.start} prompts x {gen.samples_per_prompt} samples "
+                                  f"(expected {chunk.rows})")
+            _write_part(completions, chunk, seconds, path)
+            del completions
     finally:
-        close_engine(engine)
-    seconds = time.perf_counter() - started
-    import pandas as pd
-
+        if engine is not None:
+            close_engine(engine)
     path = Path(context.work_dir) / "generations.parquet"
-    write_parquet(pd.DataFrame([c.model_dump() for c in completions]), path)
-    tokens = sum(c.n_tokens for c in completions)
-    return Generations(path=str(path), prompts=len(prompts), samples=len(completions), tokens=tokens,
+    tokens, samples, seconds = _assemble_parts([parts_dir / f"part-{c.index:05d}.parquet" for c in chunks], path)
+    return Generations(path=str(path), prompts=len(prompts), samples=samples, tokens=tokens,
                        seconds=seconds, tokens_per_second=tokens / max(seconds, 1e-9))
+
+
+class _Chunk(Frozen):
+    index: int
+    start: int  # offset of the chunk's first prompt in the round's prompt list
+    stop: int
+    rows: int  # completions the chunk must hold: its prompts x samples_per_prompt
+    params: SamplingParams
+    key: str  # what the chunk's samples depend on; a part file with another key is stale
+
+
+def _generation_chunks(config: FlywheelConfig, context: RoundContext, prompts: list) -> list[_Chunk]:
+    import hashlib
+
+    from flywheel.generation import SamplingParams
+
+    gen = config.generation
+    size = _chunk_prompts(config)
+    round_seed = config.seed * 10_000 + context.number
+    # Everything that changes a chunk's samples besides its seed: a part made under another generation setup, model
+    # or prompt list (a round restarted with --restart after a recipe change, say) is never reused.
+    setup = json.dumps({"generation": gen.model_dump(mode="json"), "model": [context.champion.version,
+                        context.champion.sha256, context.champion.path], "chunk_prompts": size},
+                       sort_keys=True)
+    chunks = []
+    for index, start in enumerate(range(0, len(prompts), size)):
+        stop = min(start + size, len(prompts))
+        # One seed per chunk, derived from the round's seed and the chunk's index only: a resumed round draws the
+        # same samples as an uninterrupted one. The first chunk keeps the round's seed, so a round of one chunk
+        # draws what it drew before generation was chunked; later ones hash it (below 2**31: engines scale seeds).
+        digest = hashlib.sha256(f"generate\x00{round_seed}\x00{index}".encode()).digest()
+        params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                                seed=round_seed if index == 0 else int.from_bytes(digest[:4], "big") >> 1)
+        body = json.dumps([p.model_dump(mode="json") for p in prompts[start:stop]], sort_keys=True)
+        key = hashlib.sha256("\x00".join([setup, params.model_dump_json(), body]).encode()).hexdigest()
+        chunks.append(_Chunk(index=index, start=start, stop=stop, rows=(stop - start) * gen.samples_per_prompt,
+                             params=params, key=key))
+    return chunks
+
+
+def _chunk_prompts(config: FlywheelConfig) -> int:
+    """Prompts per chunk: never fewer than the engine works on at once (its batch; an endpoint's requests in flight),
+    so chunking never starves a large batch or a GPU engine."""
+    gen = config.generation
+    return max(GENERATION_CHUNK_PROMPTS, gen.batch_size, gen.openai.max_concurrency if gen.openai else 0)
+
+
+def _part_is_complete(path: Path, chunk: _Chunk) -> bool:
+    """A part file written for this very chunk, with every row: anything else is regenerated."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return False
+    try:
+        meta = pq.read_metadata(path)  # the footer only: no rows are read
+    except (OSError, pa.ArrowException):
+        return False
+    recorded = (meta.metadata or {}).get(_PART_KEY)
+    return recorded == chunk.key.encode() and meta.num_rows == chunk.rows
+
+
+def _write_part(completions: list, chunk: _Chunk, seconds: float, path: Path) -> None:
+    import pandas as pd
+    import pyarrow as pa
+
+    frame = pd.DataFrame([c.model_dump() for c in completions])
+    frame["request_index"] += chunk.start  # the engine numbers the chunk's prompts; the table numbers the round's
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), _PART_KEY: chunk.key.encode(),
+                                           _PART_SECONDS: repr(seconds).encode()})
+    _write_table_atomically(table, path)
+
+
+def _assemble_parts(parts: list[Path], path: Path) -> tuple[int, int, float]:
+    """Concatenate the parts, in order, into ``path`` one part at a time (atomically); returns (tokens, rows,
+    generation seconds summed over the parts, whichever attempt made them)."""
+    import os
+    import tempfile
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tokens = rows = 0
+    seconds = 0.0
+    writer = None
+    try:
+        for part in parts:
+            table = pq.read_table(part)
+            metadata = dict(table.schema.metadata or {})
+            seconds += float(metadata.pop(_PART_SECONDS, b"0"))
+            metadata.pop(_PART_KEY, None)  # per-part bookkeeping, not the table's
+            table = table.replace_schema_metadata(metadata)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table.cast(writer.schema))
+            tokens += int(pc.sum(table["n_tokens"]).as_py() or 0)
+            rows += table.num_rows
+            del table
+        if writer is None:
+            raise ValueError(f"{path}: no generation parts to assemble (the round has no prompts)")
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException as error:
+        if writer is not None:
+            writer.close()
+        Path(tmp).unlink(missing_ok=True)
+        from flywheel.preflight import disk_full, is_disk_full
+
+        if is_disk_full(error):
+            raise disk_full(path) from error
+        raise
+    return tokens, rows, seconds
+
+
+def _write_table_atomically(table, path: Path) -> None:
+    """As ``dataset.write_parquet`` (temporary file, then rename), for an Arrow table whose schema metadata must
+    survive: a killed write leaves the previous file or none, never half of one."""
+    import os
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException as error:
+        Path(tmp).unlink(missing_ok=True)
+        from flywheel.preflight import disk_full, is_disk_full
+
+        if is_disk_full(error):
+            raise disk_full(path) from error
+        raise
 
 
 def needs_reward_model(config: FlywheelConfig) -> bool:
@@ -370,10 +536,11 @@ def judge_samples(config: FlywheelConfig, context: RoundContext, split: PromptSp
 
 def build_round_data(config: FlywheelConfig, context: RoundContext, judged: JudgedSamples, split: PromptSplit,
                      base_dir: Path | None = None, models_dir: Path | None = None,
-                     progress: Progress | None = None) -> RoundData:
+                     progress: Progress | None = None, refiner: Champion | None = None) -> RoundData:
     """The recipe's strategy (``flywheel.strategies``) turns the judged samples into pairs and SFT rows; the
     strategies that generate (refinement, SAMI, distillation) run the champion and the round's judges again.
-    ``base_dir``: where relative model folders in the recipe are found."""
+    ``base_dir``: where relative model folders in the recipe are found. ``refiner``: SPaR's trained refiner
+    (``resolve_refiner``), which then refines instead of the champion."""
     from flywheel.models import resolve_device
     from flywheel.prompts import load_prompts
     from flywheel.strategies import build_strategy_data
@@ -386,16 +553,21 @@ def build_round_data(config: FlywheelConfig, context: RoundContext, judged: Judg
                                base_dir=base_dir or Path.cwd(), device=resolve_device(config.generation.device),
                                engine_options=_engine_options(config, _state_dir(context)),
                                reward_model_dir=reward_dir, models_dir=models_dir,
-                               seed=config.seed * 10_000 + context.number, progress=progress)
+                               seed=config.seed * 10_000 + context.number, progress=progress,
+                               refiner_dir=Path(refiner.path) if refiner else None)
     write_parquet(made.pairs, work / "pairs.parquet")
     write_parquet(made.sft, work / "sft.parquet")
+    record = dict(made.record)
+    if refiner is not None:  # the dataset names the model that made its refinements
+        record["refiner"] = {"name": refiner_name(config), "version": refiner.version, "sha256": refiner.sha256}
     record_path = None
-    if made.record:
+    if record:
         record_path = str(work / STRATEGY_RECORD)
-        write_json({"strategy": config.strategy.name, **made.record}, Path(record_path))
+        write_json({"strategy": config.strategy.name, **record}, Path(record_path))
     return RoundData(samples_path=judged.path, pairs_path=str(work / "pairs.parquet"),
                      sft_path=str(work / "sft.parquet"), samples=len(samples), pairs=len(made.pairs),
-                     sft=len(made.sft), strategy=config.strategy.name, stats=made.stats, record_path=record_path)
+                     sft=len(made.sft), strategy=config.strategy.name, stats=made.stats, record_path=record_path,
+                     refiner_version=refiner.version if refiner else None)
 
 
 STRATEGY_RECORD = "strategy.json"
@@ -446,7 +618,7 @@ def quality_gate(config: FlywheelConfig, workspace: Workspace, context: RoundCon
     clean = RoundData(samples_path=str(paths["samples"]), pairs_path=str(paths["pairs"]), sft_path=str(paths["sft"]),
                       samples=len(outcome.clean["samples"]), pairs=len(outcome.clean["pairs"]),
                       sft=len(outcome.clean["sft"]), strategy=data.strategy, stats=data.stats,
-                      record_path=record_path)
+                      record_path=record_path, refiner_version=data.refiner_version)
     return QualityResult(report=outcome.report, quarantine_path=str(quarantine_path), clean=clean,
                          quarantined=len(outcome.quarantine))
 
@@ -595,6 +767,177 @@ def _launch_training(config: FlywheelConfig, context: RoundContext, rows: list[d
                            log_path=work / "train.log", metrics=sink)
 
 
+# --- SPaR's trained refiner --------------------------------------------------------------------------------------
+# With ``strategy.spar.refiner: trained`` the refiner is a model of its own, registered as
+# ``<model.registered_name>-refiner``: version 1 is the policy champion's weights (registered on first use, pointing at
+# that version's artifacts: no copy), each round's tree search runs its champion, and the train stage trains it with
+# SFT on the round's clean refiner rows. It has no held-out evaluation: a trained version becomes its champion.
+
+REFINER_ORIGINS = ("spar:refinement", "spar:judgement")
+REFINER_RECORD = "refiner-{dataset}.json"  # the refiner's TrainedModel on a dataset, written before it is registered
+
+
+def refiner_name(config: FlywheelConfig) -> str:
+    return f"{config.model.registered_name}-refiner"
+
+
+def uses_trained_refiner(config: FlywheelConfig) -> bool:
+    return config.strategy.name == "spar" and config.strategy.spar.refiner == "trained"
+
+
+def resolve_refiner(config: FlywheelConfig, workspace: Workspace, context: RoundContext) -> Champion | None:
+    """The refiner this round's search runs (None unless ``spar.refiner: trained``): the refiner's champion; on
+    first use the policy champion's weights become refiner version 1. Tags the round's run with it."""
+    if not uses_trained_refiner(config):
+        return None
+    name, uri = refiner_name(config), workspace.tracking_uri
+    current = registry.find_version(uri, name, registry.CHAMPION)
+    if current is None:
+        current = _interrupted_base_registration(uri, name)
+        if current is not None:
+            registry.client(uri).set_registered_model_alias(name, registry.CHAMPION, current.version)
+    if current is None:
+        if registry.list_versions(uri, name):
+            raise ModelError(f"registered model {name!r} has versions but no {registry.CHAMPION!r} alias: set one "
+                             f"in MLflow")
+        current = _register_first_refiner(config, workspace, context)
+    elif current.tags.get(f"{registry.TAG}round") == str(context.number):
+        # This very round trained it already (rebuilt after --restart): refine with the version it started from.
+        current = registry.get_version(uri, name, current.tags[f"{registry.TAG}parent_version"])
+    path = registry.materialize(uri, current, workspace.models)
+    registry.client(uri).set_tag(context.run_id, f"{registry.TAG}spar.refiner_version", current.version)
+    return Champion(version=current.version, path=str(path), sha256=current.tags.get(f"{registry.TAG}model_sha256", ""))
+
+
+def _register_first_refiner(config: FlywheelConfig, workspace: Workspace,
+                            context: RoundContext) -> registry.VersionInfo:
+    from mlflow.exceptions import MlflowException
+
+    name, uri = refiner_name(config), workspace.tracking_uri
+    policy = registry.get_version(uri, config.model.registered_name, context.champion.version)
+    mlflow_client = registry.client(uri)
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        mlflow_client.create_registered_model(
+            name, description=f"SPaR refiner of {config.model.registered_name}: trained with SFT on each spar round's "
+                              f"refinements and judgements; no held-out evaluation.")
+    sha256 = policy.tags.get(f"{registry.TAG}model_sha256", context.champion.sha256)
+    tags = {f"{registry.TAG}round": "0", f"{registry.TAG}role": "refiner", f"{registry.TAG}model_sha256": sha256,
+            f"{registry.TAG}source": f"models:/{policy.name}/{policy.version}"}
+    # The policy version's own artifacts: the refiner starts as the same weights, stored once.
+    version = mlflow_client.create_model_version(
+        name, source=policy.source, run_id=policy.run_id, tags=tags,
+        description=f"Initial refiner: the weights of {policy.name} version {policy.version} (sha256 {sha256[:12]}), "
+                    f"registered on first use by {context.name}.")
+    mlflow_client.set_registered_model_alias(name, registry.CHAMPION, str(version.version))
+    return registry.get_version(uri, name, str(version.version))
+
+
+def refiner_rows(quality: QualityResult) -> list[dict]:
+    """The round's clean refiner rows (successful refinements and judgements), as SFT rows."""
+    table = read_table(Path(quality.clean.sft_path))
+    if "origin" not in table.columns:
+        return []
+    return table[table["origin"].isin(REFINER_ORIGINS)].to_dict(orient="records")
+
+
+def refiner_training(config: FlywheelConfig):
+    """``training`` as the refiner trains: SFT, in this process, at the refiner's own rate and steps if set."""
+    spar, training = config.strategy.spar, config.training
+    return training.model_copy(update={
+        "method": "sft", "processes": 1, "learning_rate": spar.refiner_learning_rate or training.learning_rate,
+        "max_steps": training.max_steps if spar.refiner_max_steps is None else spar.refiner_max_steps})
+
+
+def train_refiner(config: FlywheelConfig, workspace: Workspace, context: RoundContext, quality: QualityResult,
+                  dataset: DatasetVersion):
+    """Train the refiner on the round's clean refiner rows, register the new version (round lineage tags and
+    ``flywheel.role=refiner``) and make it the refiner's champion. None unless ``spar.refiner: trained``.
+
+    A round without refiner rows (no search solved, or the gate dropped them) trains nothing and keeps the champion.
+    A re-run finishes what an attempt left: a registered version is reused, a trained one is registered."""
+    from flywheel.training import RefinerUpdate, TrainedModel, train
+
+    if not uses_trained_refiner(config):
+        return None
+    name, uri = refiner_name(config), workspace.tracking_uri
+    used = quality.clean.refiner_version
+    if used is None:
+        raise ModelError(f"{context.name}: its data names no refiner version (built with spar.refiner: policy); "
+                         f"re-run the round with --restart")
+    # Keyed by the dataset: a round rebuilt with --restart on other data trains again.
+    record_path = Path(context.work_dir) / REFINER_RECORD.format(dataset=dataset.dvc_md5[:16])
+    trained = TrainedModel.model_validate_json(record_path.read_text()) if record_path.is_file() else None
+    existing = registry.find_round_version(uri, name, context.number)
+    if existing is None and trained is None:
+        rows = refiner_rows(quality)
+        log_metrics(workspace, context.run_id, {"refiner.rows": len(rows)})
+        if not rows:
+            return RefinerUpdate(name=name, used_version=used, version=used, trained=None,
+                                 reason=f"no clean refiner rows this round: refiner version {used} stays champion")
+        base = registry.materialize(uri, registry.get_version(uri, name, used), workspace.models)
+
+        def sink(metrics: dict[str, float], step: int) -> None:
+            log_metrics(workspace, context.run_id, {f"refiner.train.{k}": v for k, v in metrics.items()}, step)
+
+        trained = train(base, rows, refiner_training(config), workspace.models / name / "rounds" / context.name,
+                        seed=config.seed, metrics=sink, metadata={"round": context.number, "parent_version": used,
+                                                                  "dataset_md5": dataset.dvc_md5, "role": "refiner"})
+        atomic_write_text(record_path, trained.model_dump_json())
+    if existing is None:
+        assert trained is not None
+        tags = {
+            f"{registry.TAG}round": str(context.number),
+            f"{registry.TAG}round_tag": dataset.tag,
+            f"{registry.TAG}dataset_md5": dataset.dvc_md5,
+            f"{registry.TAG}git_commit": dataset.commit,
+            f"{registry.TAG}config_hash": context.config_hash,
+            f"{registry.TAG}parent_version": used,
+            f"{registry.TAG}policy_version": context.champion.version,
+            f"{registry.TAG}model_sha256": trained.sha256,
+            f"{registry.TAG}role": "refiner",
+            f"{registry.TAG}strategy": "spar",
+            f"{registry.TAG}training_method": trained.method,
+            f"{registry.TAG}train_loss": f"{trained.train_loss:.6f}",
+            f"{registry.TAG}evaluation": "none (the refiner has no held-out evaluation)",
+        }
+        existing = registry.register_model_dir(
+            uri, name, Path(trained.path), context.run_id, tags=tags, artifact_path="refiner",
+            description=f"SPaR refiner trained in {context.name} from refiner version {used} with SFT on "
+                        f"{trained.rows} refiner rows (refinements and judgements). Not evaluated on held-out "
+                        f"prompts: it becomes the refiner's champion unconditionally.")
+    registry.client(uri).set_tag(context.run_id, f"{registry.TAG}spar.refiner_trained_version", existing.version)
+    registry.set_champion(uri, name, existing.version, actor="spar:refiner",
+                          reason=f"trained in {context.name}; the refiner has no held-out evaluation")
+    if trained is None:  # registered by an attempt whose record is gone: the version's tags keep its lineage
+        return RefinerUpdate(name=name, used_version=used, version=existing.version, trained=None,
+                             reason=f"version {existing.version} registered by an earlier attempt of {context.name}")
+    return RefinerUpdate(name=name, used_version=used, version=existing.version, trained=trained,
+                         reason=f"trained on {trained.rows} refiner rows; champion without held-out evaluation")
+
+
+def train_models(config: FlywheelConfig, workspace: Workspace, context: RoundContext, quality: QualityResult,
+                 dataset: DatasetVersion) -> TrainedModel:
+    """The train stage: the SPaR refiner (if trained) first, then the candidate. The refiner goes first because its
+    registration makes its re-run free: a round killed while the candidate trains does not train the refiner again."""
+    refiner = train_refiner(config, workspace, context, quality, dataset)
+    trained = train_candidate(config, workspace, context, quality, dataset)
+    return trained if refiner is None else trained.model_copy(update={"refiner": refiner})
+
+
+def _refiner_tags(quality: QualityResult, trained: TrainedModel) -> dict[str, str]:
+    """The policy version's SPaR refiner lineage: the refiner version that refined its data, and the one trained."""
+    tags = {}
+    if quality.clean.refiner_version is not None:
+        tags[f"{registry.TAG}spar.refiner_version"] = quality.clean.refiner_version
+    if trained.refiner is not None and trained.refiner.version != trained.refiner.used_version:
+        tags[f"{registry.TAG}spar.refiner_trained_version"] = trained.refiner.version
+    return tags
+
+
 def grpo_rows(samples, prompts_path: Path) -> list[dict]:
     """GRPO trains on prompts: those of the round's clean samples (a prompt whose samples were all quarantined or
     dropped by a reviewer is left out), with their constraints for the verifier reward."""
@@ -732,6 +1075,7 @@ def register_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
             f"{registry.TAG}training_method": trained.method,
             f"{registry.TAG}judges": ",".join(config.feedback.judges),
             **{f"{registry.TAG}{k}": f"{v:.6f}" for k, v in evaluation.metrics().items() if "type." not in k},
+            **_refiner_tags(quality, trained),
         }
         existing = registry.register_model_dir(
             uri, name, Path(trained.path), context.run_id, tags=tags, aliases=(registry.CANDIDATE,),

@@ -64,8 +64,9 @@ def merge_refined(base: StrategyData, pairs, sft, stats: dict[str, float],
 def build_strategy_data(config: FlywheelConfig, prompts: Sequence[Prompt], samples, *, champion_dir: Path,
                         base_dir: Path, device: str, engine_options: dict | None = None,
                         reward_model_dir: Path | None = None, models_dir: Path | None = None, seed: int = 0,
-                        progress: Progress | None = None) -> StrategyData:
-    """The recipe's strategy over the round's judged samples (``flywheel.feedback.SAMPLE_COLUMNS``)."""
+                        progress: Progress | None = None, refiner_dir: Path | None = None) -> StrategyData:
+    """The recipe's strategy over the round's judged samples (``flywheel.feedback.SAMPLE_COLUMNS``).
+    ``refiner_dir``: SPaR's trained refiner (``spar.refiner: trained``), which then refines instead of the policy."""
     name = config.strategy.name
     base = best_of_n(samples, config)
     if name in ("best_of_n", "grpo"):
@@ -74,7 +75,13 @@ def build_strategy_data(config: FlywheelConfig, prompts: Sequence[Prompt], sampl
 
     gen = config.generation
     options = dict(engine_options or {})
-    policy = make_engine(gen.engine, champion_dir, device, gen.batch_size, endpoint=gen.openai, **options)
+    if name == "spar" and refiner_dir is not None:
+        # SPaR only refines (the policy's answers are the samples table's): only the refiner is loaded, as
+        # ``policy`` below. An endpoint serves the policy, not the refiner, so the refiner runs locally.
+        policy = make_engine("transformers" if gen.engine == "openai" else gen.engine, refiner_dir, device,
+                             gen.batch_size, **options)
+    else:
+        policy = make_engine(gen.engine, champion_dir, device, gen.batch_size, endpoint=gen.openai, **options)
     judge = round_judge(config, champion_dir, base_dir, device, options, reward_model_dir)
     try:
         if name == "self_refine":

@@ -33,6 +33,22 @@ class TrainedModel(BaseModel):
     device: str
     precision: str
     changed_parameters: float  # share of parameter tensors whose values moved
+    refiner: RefinerUpdate | None = None  # SPaR with a trained refiner: what the round did to it
+
+
+class RefinerUpdate(BaseModel):
+    """The SPaR refiner in one round (``strategy.spar.refiner: trained``): the version that refined the round's
+    answers and, when the round had refiner rows, the version trained on them (its new ``champion``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str  # its registered model: <model.registered_name>-refiner
+    used_version: str  # the refiner version the round's tree search ran
+    version: str  # the refiner's champion after the round: the new version, or used_version when not trained
+    trained: TrainedModel | None  # None: nothing trained in this attempt (see reason)
+    reason: str
+
+
+TrainedModel.model_rebuild()
 
 
 MetricSink = Callable[[dict[str, float], int], None]

@@ -90,6 +90,59 @@ def test_spar_round_searches_refinement_trees(workspace, tiny_model_dir):
     assert record["trained"]["method"] == "dpo"
 
 
+def test_spar_trained_refiner_learns_between_rounds(workspace, tiny_model_dir):
+    # Short answers to lowercase-only requests: the tiny model's byte soup breaks the constraint often and a
+    # refinement meets it often enough for searches to be solved, so round 1 has refiner rows to train on. Manual
+    # promotion keeps the policy at its base: round 2 differs from round 1 only by the refiner.
+    from safetensors.torch import load_file
+
+    from flywheel.prompts import Constraint, Prompt, save_prompts
+
+    save_prompts([Prompt(id=f"q{i}", prompt=f"write note {i} about the weather in lowercase",
+                         constraints=[Constraint(type="all_lowercase")]) for i in range(24)],
+                 workspace / "prompts.jsonl")
+    options = dict(strategy__name="spar", prompts__source="prompts.jsonl", prompts__per_round=6,
+                   prompts__eval_limit=4, generation__samples_per_prompt=2, promotion__mode="manual",
+                   strategy__spar={"breadth": 3, "keep": 1, "depth": 2, "max_answers": 4, "refine_max_new_tokens": 4,
+                                   "refiner": "trained", "refiner_max_steps": 2})
+    first, first_data = run_round(workspace, tiny_model_dir, "spar-refiner", **options)
+    uri = f"sqlite:///{workspace / '.flywheel' / 'mlflow.db'}"
+    name = "tiny-policy-refiner"
+    update = first["trained"]["refiner"]
+    assert update["used_version"] == "1" and update["version"] == "2" and update["trained"]["method"] == "sft"
+    initial, trained = registry.get_version(uri, name, "1"), registry.get_version(uri, name, "2")
+    policy_base = registry.get_version(uri, "tiny-policy", "1")
+    assert initial.source == policy_base.source and initial.tags["flywheel.role"] == "refiner"  # the policy's weights
+    assert "champion" in trained.aliases
+    assert trained.tags["flywheel.role"] == "refiner" and trained.tags["flywheel.parent_version"] == "1"
+    dataset = json.loads((first_data / "dataset.json").read_text())
+    assert trained.tags["flywheel.config_hash"] == first["config_hash"] == dataset["config_hash"]
+    assert trained.tags["flywheel.dataset_md5"] == first["dataset"]["dvc_md5"]
+    assert trained.tags["flywheel.git_commit"] == first["dataset"]["commit"]
+    assert trained.tags["flywheel.evaluation"].startswith("none")
+    sft = read_table(first_data / "sft.parquet")
+    assert update["trained"]["rows"] == sft["origin"].isin(["spar:refinement", "spar:judgement"]).sum() > 0
+    store = workspace / ".flywheel" / "models"
+    before = load_file(registry.materialize(uri, initial, store) / "model.safetensors")
+    after = load_file(registry.materialize(uri, trained, store) / "model.safetensors")
+    assert any(not before[k].equal(after[k]) for k in before)  # SFT moved the refiner's weights
+    candidate = registry.get_version(uri, "tiny-policy", first["registration"]["version"])
+    assert candidate.tags["flywheel.spar.refiner_version"] == "1"
+    assert candidate.tags["flywheel.spar.refiner_trained_version"] == "2"
+    run_tags = registry.client(uri).get_run(first["run_id"]).data.tags
+    assert run_tags["flywheel.spar.refiner_version"] == "1" and run_tags["flywheel.spar.refiner_trained_version"] == "2"
+    assert json.loads((first_data / "strategy.json").read_text())["refiner"]["version"] == "1"
+
+    second, _ = run_round(workspace, tiny_model_dir, "spar-refiner", **options)
+    assert second["parent_version"] == "1"  # the policy stayed; the refiner moved
+    assert second["trained"]["refiner"]["used_version"] == "2"
+    assert registry.client(uri).get_run(second["run_id"]).data.tags["flywheel.spar.refiner_version"] == "2"
+    assert registry.get_version(uri, "tiny-policy", second["registration"]["version"]).tags[
+        "flywheel.spar.refiner_version"] == "2"
+    latest = registry.get_version(uri, name, "champion")
+    assert latest.version == second["trained"]["refiner"]["version"]
+
+
 def test_sami_round_trains_the_contrastive_objective(workspace, tiny_model_dir):
     record, data = run_round(workspace, tiny_model_dir, "sami", strategy__name="sami", strategy__sami={
         "writer": "self", "written_principles": 1, "constitutions_per_prompt": 2, "principles_per_constitution": 1,

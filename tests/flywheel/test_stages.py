@@ -104,3 +104,124 @@ def test_open_round_reopens_the_run_of_a_failed_attempt(registry_workspace):
     assert registry.client(workspace.tracking_uri).get_run(first.run_id).info.status == "RUNNING"
     registry.client(workspace.tracking_uri).set_terminated(first.run_id)
     assert open_round(config, workspace, champion, 1).run_id != first.run_id  # a finished run is never reused
+
+
+# --- SPaR's trained refiner: its own registered model, trained on the round's refiner rows ---------------------
+
+def _refiner_round(tiny_model_dir, tmp_path, sft_rows: list[dict]):
+    """A spar workspace with the policy's base as champion, round 1 opened, its refiner resolved and its clean SFT
+    table holding ``sft_rows``."""
+    import pandas as pd
+    from helpers import tiny_recipe
+
+    from flywheel.dataset import write_parquet
+    from flywheel.quality import QualityReport
+    from flywheel.stages import QualityResult, RoundData, open_round, resolve_champion, resolve_refiner
+    from flywheel.versioning import DatasetVersion
+
+    config = parse_config(tiny_recipe(tiny_model_dir, strategy__name="spar",
+                                      strategy__spar={"refiner": "trained", "refiner_max_steps": 2}))
+    workspace = Workspace.from_config(config, tmp_path)
+    context = open_round(config, workspace, resolve_champion(config, workspace), 1)
+    refiner = resolve_refiner(config, workspace, context)
+    sft_path = tmp_path / "sft.parquet"
+    write_parquet(pd.DataFrame(sft_rows, columns=["row_id", "prompt_id", "prompt", "completion", "score", "origin",
+                                                  "judge"]), sft_path)
+    clean = RoundData(samples_path="s", pairs_path="p", sft_path=str(sft_path), samples=0, pairs=0,
+                      sft=len(sft_rows), strategy="spar", refiner_version=refiner.version)
+    report = QualityReport(tables=[], total_rows=0, failed_rows=0, failed_fraction=0.0, max_failed_fraction=0.5,
+                           passed=True, gx_run_id="r")
+    quality = QualityResult(report=report, quarantine_path="q", clean=clean, quarantined=0)
+    dataset = DatasetVersion(tag="round-0001", commit="c0ffee", dvc_md5="md5", remote="local")
+    return config, workspace, context, refiner, quality, dataset
+
+
+def _sft_row(i: int, origin: str) -> dict:
+    return {"row_id": f"r{i}", "prompt_id": f"p{i}", "prompt": f"fix answer {i}", "completion": f"fixed answer {i}",
+            "score": 1.0, "origin": origin, "judge": "verifier"}
+
+
+def test_first_refiner_is_the_policy_champion_registered_as_version_1(tmp_path, monkeypatch, tiny_model_dir):
+    from flywheel import registry
+    from flywheel.stages import resolve_refiner
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config, workspace, context, refiner, _, _ = _refiner_round(tiny_model_dir, tmp_path, [])
+    uri = workspace.tracking_uri
+    first = registry.get_version(uri, "tiny-policy-refiner", "champion")
+    policy = registry.get_version(uri, "tiny-policy", "1")
+    assert (refiner.version, refiner.sha256) == ("1", context.champion.sha256)
+    assert first.source == policy.source  # the policy version's artifacts: stored once
+    assert first.tags["flywheel.role"] == "refiner" and first.tags["flywheel.round"] == "0"
+    assert registry.client(uri).get_run(context.run_id).data.tags["flywheel.spar.refiner_version"] == "1"
+    assert resolve_refiner(config, workspace, context) == refiner  # a re-run registers nothing new
+    assert len(registry.list_versions(uri, "tiny-policy-refiner")) == 1
+    assert resolve_refiner(config.model_copy(update={"strategy": config.strategy.model_copy(update={
+        "spar": config.strategy.spar.model_copy(update={"refiner": "policy"})})}), workspace, context) is None
+
+
+def test_a_round_without_refiner_rows_keeps_the_refiners_champion(tmp_path, monkeypatch, tiny_model_dir):
+    from flywheel import registry
+    from flywheel.stages import train_refiner
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config, workspace, context, _, quality, dataset = _refiner_round(
+        tiny_model_dir, tmp_path, [_sft_row(0, "best_of_n:accepted")])
+    update = train_refiner(config, workspace, context, quality, dataset)
+    assert (update.used_version, update.version, update.trained) == ("1", "1", None)
+    assert "no clean refiner rows" in update.reason
+    assert [v.version for v in registry.list_versions(workspace.tracking_uri, "tiny-policy-refiner")] == ["1"]
+
+
+def test_train_refiner_registers_a_new_champion_with_lineage_once(tmp_path, monkeypatch, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from flywheel import registry
+    from flywheel.stages import train_refiner
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rows = [_sft_row(0, "spar:refinement"), _sft_row(1, "spar:judgement"), _sft_row(2, "best_of_n:accepted")]
+    config, workspace, context, refiner, quality, dataset = _refiner_round(tiny_model_dir, tmp_path, rows)
+    update = train_refiner(config, workspace, context, quality, dataset)
+    assert (update.used_version, update.version) == ("1", "2")
+    assert update.trained.rows == 2 and update.trained.method == "sft" and update.trained.steps == 2
+    uri = workspace.tracking_uri
+    trained = registry.get_version(uri, "tiny-policy-refiner", "champion")
+    assert trained.version == "2" and trained.tags["flywheel.promoted_over"] == "1"
+    assert {k: trained.tags[f"flywheel.{k}"] for k in ("role", "round", "parent_version", "policy_version",
+                                                        "dataset_md5", "git_commit", "config_hash")} == {
+        "role": "refiner", "round": "1", "parent_version": "1", "policy_version": "1", "dataset_md5": "md5",
+        "git_commit": "c0ffee", "config_hash": context.config_hash}
+    assert trained.source.endswith("/refiner")  # next to, never over, the round's policy candidate
+    before = load_file(Path(refiner.path) / "model.safetensors")
+    after = load_file(registry.materialize(uri, trained, workspace.models) / "model.safetensors")
+    assert any(not before[k].equal(after[k]) for k in before)
+    assert registry.client(uri).get_run(context.run_id).data.tags["flywheel.spar.refiner_trained_version"] == "2"
+    # A re-run (the candidate's training died after this) reuses the version: no second training, no version 3.
+    again = train_refiner(config, workspace, context, quality, dataset)
+    assert again == update
+    assert len(registry.list_versions(uri, "tiny-policy-refiner")) == 2
+
+
+def test_a_refiner_trained_before_a_kill_is_registered_by_the_rerun_without_training_again(tmp_path, monkeypatch,
+                                                                                              tiny_model_dir):
+    import flywheel.training
+    from flywheel import registry
+    from flywheel.stages import train_refiner
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config, workspace, context, _, quality, dataset = _refiner_round(
+        tiny_model_dir, tmp_path, [_sft_row(0, "spar:refinement"), _sft_row(1, "spar:judgement")])
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while registering")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(registry, "register_model_dir", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            train_refiner(config, workspace, context, quality, dataset)
+    assert registry.get_version(workspace.tracking_uri, "tiny-policy-refiner", "champion").version == "1"
+    monkeypatch.setattr(flywheel.training, "train", lambda *a, **k: pytest.fail("the refiner was trained again"))
+    update = train_refiner(config, workspace, context, quality, dataset)
+    assert update.version == "2" and update.trained is not None and update.trained.rows == 2
+    assert registry.get_version(workspace.tracking_uri, "tiny-policy-refiner", "champion").version == "2"

@@ -91,3 +91,42 @@ def test_round_judge_without_a_second_judge_is_the_verifier():
     judge = RoundJudge()
     assert judge.name == "verifier" and judge.deterministic_for([(LOWER, "")])
     assert [v.passed for v in judge.judge([(LOWER, "quiet"), (LOWER, "LOUD")])] == [True, False]
+
+
+class _Lowercaser:
+    """A refiner that lowercases the answer it is asked to edit; records which model folder it was loaded from."""
+
+    def __init__(self, model_dir):
+        self.model_dir = model_dir
+
+    def generate(self, requests, samples, params, progress=None):
+        from flywheel.generation import Completion
+
+        texts = [r.messages[-1]["content"].split("ANSWER:\n", 1)[1].split("\n\nCRITIQUE:", 1)[0] for r in requests]
+        return [Completion(request_index=i, sample_index=s, text=text.lower(), n_tokens=3, finished=True)
+                for i, text in enumerate(texts) for s in range(samples)]
+
+
+@pytest.mark.parametrize("refiner", [None, "refiner-dir"])
+def test_spar_refines_with_the_trained_refiner_when_given_one(monkeypatch, tmp_path, refiner):
+    from pathlib import Path
+
+    import flywheel.generation
+    from flywheel.feedback import judge_table
+    from flywheel.generation import Completion
+    from flywheel.strategies import build_strategy_data
+
+    loaded = []
+    monkeypatch.setattr(flywheel.generation, "make_engine",
+                        lambda name, model_dir, *args, **kwargs: loaded.append(Path(model_dir).name)
+                        or _Lowercaser(model_dir))
+    config = FlywheelConfig.model_validate({"strategy": {"name": "spar", "spar": {"refiner": "trained"}},
+                                            "feedback": {"chosen_must_pass": False}})
+    samples = judge_table([LOWER], [Completion(request_index=0, sample_index=0, text="Tea Is Warm.", n_tokens=3,
+                                               finished=True)]).frame
+    made = build_strategy_data(config, [LOWER], samples, champion_dir=tmp_path / "policy-dir", base_dir=tmp_path,
+                               device="cpu", refiner_dir=tmp_path / refiner if refiner else None)
+    # Only the model that refines is loaded: the policy's answers are the samples table's.
+    assert loaded == [refiner or "policy-dir"]
+    assert list(made.pairs["chosen"]) == ["tea is warm."] and set(made.pairs["origin"]) == {"spar:pair"}
+    assert {"spar:refinement", "spar:judgement"} <= set(made.sft["origin"])

@@ -76,10 +76,9 @@ class EndpointConfig(EndpointOptions):
 
 
 class GenerationConfig(Section):
-    engine: Literal["auto", "transformers", "ctranslate2", "vllm", "openai"] = Field(
+    engine: Literal["transformers", "ctranslate2", "vllm", "openai"] = Field(
         "transformers", description="transformers (CPU or GPU), ctranslate2 (CPU), vllm (CUDA GPU, the vllm extra), "
-                                    "openai (an OpenAI-compatible server); auto: ctranslate2 on CPU, transformers on "
-                                    "a GPU (both give plain transformers' greedy answers).")
+                                    "openai (an OpenAI-compatible server).")
     compute_type: Literal["float32", "int8", "int8_float32", "bfloat16", "float16", "int8_float16"] = Field(
         "float32", description="ctranslate2 only. float32 matches the transformers engine's greedy outputs; "
         "int8 is faster on CPU but changes outputs.",
@@ -100,7 +99,7 @@ class GenerationConfig(Section):
             raise ValueError("engine 'openai' needs an openai section with base_url and model")
         if self.engine != "openai" and self.openai is not None:
             raise ValueError(f"an openai section is set but engine is {self.engine!r}: set engine: openai or drop it")
-        if self.engine not in ("ctranslate2", "auto") and self.compute_type != "float32":
+        if self.engine != "ctranslate2" and self.compute_type != "float32":
             raise ValueError(
                 f"compute_type {self.compute_type!r} needs engine 'ctranslate2' (engine is {self.engine!r})"
             )

@@ -154,10 +154,7 @@ def make_engine(name: str, model_dir: Path, device: str, batch_size: int, endpoi
     """``endpoint``: the ``openai`` engine's server section (``flywheel.config.EndpointConfig``); it serves its
     own model, so ``model_dir`` is not used there. ``compute_type``, ``threads`` and ``cache_dir`` (where converted
     models are kept; None: ``$FLYWHEEL_CT2_CACHE`` or ``~/.cache/flywheel/ctranslate2``) are the ``ctranslate2``
-    engine's. ``auto`` is the fastest engine that keeps greedy outputs identical to plain transformers on the device:
-    ctranslate2 (float32) on CPU, transformers on a GPU."""
-    if name == "auto":
-        name = "ctranslate2" if device == "cpu" else "transformers"
+    engine's."""
     if name == "openai":
         if endpoint is None:
             raise ValueError("generation engine 'openai' needs an endpoint (generation.openai: base_url, model)")
@@ -177,7 +174,7 @@ def make_engine(name: str, model_dir: Path, device: str, batch_size: int, endpoi
         from flywheel.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_dir, batch_size=batch_size)
-    raise ValueError(f"unknown generation engine {name!r} (available: auto, transformers, ctranslate2, vllm, openai)")
+    raise ValueError(f"unknown generation engine {name!r} (available: transformers, ctranslate2, vllm, openai)")
 
 
 def close_engine(engine: object) -> None:

@@ -32,11 +32,11 @@ def test_sft_round_on_user_prompt_file(tiny_model_dir, tmp_path):
     assert registry.get_version(uri, "tiny-policy", "candidate").version == "2"
 
 
-def test_auto_engine_round_generates_and_evaluates_with_ctranslate2_on_cpu(tiny_model_dir, tmp_path):
+def test_ctranslate2_round_generates_and_evaluates_through_converted_models(tiny_model_dir, tmp_path):
     workspace = tmp_path / "ws"
     workspace.mkdir()
     recipe = write_recipe(workspace / "recipe.yaml", tiny_recipe(
-        tiny_model_dir, generation__engine="auto", generation__threads=1, generation__samples_per_prompt=2))
+        tiny_model_dir, generation__engine="ctranslate2", generation__threads=1, generation__samples_per_prompt=2))
     run_cli(workspace, "run", "--config", str(recipe))
     record = json.loads((workspace / ".flywheel" / "rounds" / "round-0001.json").read_text())
     assert record["status"] == "completed" and record["generations"]["samples"] > 0

@@ -200,23 +200,3 @@ def test_a_recipe_selects_it():
     gen = parse_config({"generation": {"engine": "ctranslate2", "compute_type": "int8", "threads": 2}}).generation
     assert (gen.engine, gen.compute_type, gen.threads) == ("ctranslate2", "int8", 2)
 
-
-def test_auto_engine_is_ctranslate2_on_cpu_and_transformers_on_a_gpu(lively_model_dir, cache_dir, monkeypatch):
-    from flywheel import generation
-    from flywheel.ct2_engine import CTranslate2Engine
-
-    assert isinstance(make_engine("auto", lively_model_dir, "cpu", 4, threads=1, cache_dir=cache_dir),
-                      CTranslate2Engine)
-    built = {}
-    monkeypatch.setattr(generation, "TransformersEngine", lambda model_dir, device, batch_size: built.update(
-        device=device) or "transformers-engine")
-    assert make_engine("auto", lively_model_dir, "cuda", 4) == "transformers-engine"
-    assert built == {"device": "cuda"}
-
-
-def test_auto_engine_accepts_ctranslate2_settings_in_the_config():
-    from flywheel.config import GenerationConfig
-
-    assert GenerationConfig(engine="auto", compute_type="int8").compute_type == "int8"
-    with pytest.raises(ValueError, match="needs engine 'ctranslate2'"):
-        GenerationConfig(engine="transformers", compute_type="int8")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.stages import dispatch_stage
+from flows.stages import dispatch_stage, round_journal
 from flywheel.config import FlywheelConfig
 from flywheel.evaluation import Evaluation
-from flywheel.journal import StageJournal, set_aside
+from flywheel.journal import set_aside
 from flywheel.registry import Promotion
 from flywheel.review import ReviewDecision
 from flywheel.stages import (
@@ -56,10 +56,9 @@ def flywheel_round(config: FlywheelConfig = FlywheelConfig(), workspace: str | N
 
 
 def run_stages(config: FlywheelConfig, ws: Workspace, context: RoundContext, restart: bool = False) -> RoundRecord:
-    journal_dir = Path(context.work_dir) / "journal"
     if restart:
-        set_aside(journal_dir)
-    journal = StageJournal(journal_dir, context.name, context.config_hash)
+        set_aside(Path(context.work_dir) / "journal")  # before opening it: a set-aside journal's header is not checked
+    journal = round_journal(context)
     logger = get_run_logger()
     routed = config.deployment.stage_pools
 

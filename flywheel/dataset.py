@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -84,22 +86,30 @@ class DatasetManifest(BaseModel):
     prompts: int
 
 
-def write_parquet(frame, path: Path) -> str:
-    """Atomic write (temporary file, then rename); returns the file's sha256."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[str]:
+    """A temporary file next to ``path`` to write, renamed onto ``path`` when the block succeeds: a killed or failed
+    write leaves the previous file or none, never half of one, and no stray temporary file in a folder DVC versions
+    and the manifest lists. A full disk becomes the one-line DiskFullError."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        frame.to_parquet(tmp, index=False)
+        yield tmp
         os.replace(tmp, path)
     except BaseException as error:
-        # A failed write must not leave a stray file in a folder DVC versions and the manifest lists.
         Path(tmp).unlink(missing_ok=True)
         from flywheel.preflight import disk_full, is_disk_full
 
         if is_disk_full(error):
             raise disk_full(path) from error
         raise
+
+
+def write_parquet(frame, path: Path) -> str:
+    """Atomic write (temporary file, then rename); returns the file's sha256."""
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
     return file_sha256(path)
 
 

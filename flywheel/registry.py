@@ -111,6 +111,19 @@ def find_round_version(tracking_uri: str, name: str, round_number: int) -> Versi
     return None
 
 
+def ensure_registered_model(tracking_uri: str, name: str, description: str) -> None:
+    """Create the registered model ``name`` unless it exists (its description is set only on creation)."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(tracking_uri)
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        mlflow_client.create_registered_model(name, description=description)
+
+
 def register_model_dir(
     tracking_uri: str,
     name: str,
@@ -124,15 +137,8 @@ def register_model_dir(
 ) -> VersionInfo:
     """Log the model folder as the run's ``artifact_path`` artifact and register it as a new version (a run that
     registers two models, the policy and the SPaR refiner, logs each under its own path)."""
-    from mlflow.exceptions import MlflowException
-
+    ensure_registered_model(tracking_uri, name, description="Policy trained by the flywheel, round by round.")
     mlflow_client = client(tracking_uri)
-    try:
-        mlflow_client.get_registered_model(name)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        mlflow_client.create_registered_model(name, description="Policy trained by the flywheel, round by round.")
     mlflow_client.log_artifacts(run_id, str(model_dir), artifact_path=artifact_path)
     run = mlflow_client.get_run(run_id)
     version = mlflow_client.create_model_version(

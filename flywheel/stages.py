@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from flywheel import registry
 from flywheel.config import FlywheelConfig
-from flywheel.dataset import DatasetManifest, read_table, write_json, write_parquet
+from flywheel.dataset import DatasetManifest, atomic_path, read_table, write_json, write_parquet
 from flywheel.evaluation import Evaluation
 from flywheel.generation import SamplingParams
 from flywheel.models import ModelError, atomic_write_text, provision_base
@@ -330,8 +330,6 @@ class _Chunk(Frozen):
 def _generation_chunks(config: FlywheelConfig, context: RoundContext, prompts: list) -> list[_Chunk]:
     import hashlib
 
-    from flywheel.generation import SamplingParams
-
     gen = config.generation
     size = _chunk_prompts(config)
     round_seed = config.seed * 10_000 + context.number
@@ -381,80 +379,46 @@ def _part_is_complete(path: Path, chunk: _Chunk) -> bool:
 def _write_part(completions: list, chunk: _Chunk, seconds: float, path: Path) -> None:
     import pandas as pd
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     frame = pd.DataFrame([c.model_dump() for c in completions])
     frame["request_index"] += chunk.start  # the engine numbers the chunk's prompts; the table numbers the round's
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), _PART_KEY: chunk.key.encode(),
                                            _PART_SECONDS: repr(seconds).encode()})
-    _write_table_atomically(table, path)
+    with atomic_path(path) as tmp:  # pyarrow directly: the schema metadata must survive the write
+        pq.write_table(table, tmp)
 
 
 def _assemble_parts(parts: list[Path], path: Path) -> tuple[int, int, float]:
     """Concatenate the parts, in order, into ``path`` one part at a time (atomically); returns (tokens, rows,
     generation seconds summed over the parts, whichever attempt made them)."""
-    import os
-    import tempfile
-
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    if not parts:
+        raise ValueError(f"{path}: no generation parts to assemble (the round has no prompts)")
     tokens = rows = 0
     seconds = 0.0
-    writer = None
-    try:
-        for part in parts:
-            table = pq.read_table(part)
-            metadata = dict(table.schema.metadata or {})
-            seconds += float(metadata.pop(_PART_SECONDS, b"0"))
-            metadata.pop(_PART_KEY, None)  # per-part bookkeeping, not the table's
-            table = table.replace_schema_metadata(metadata)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table.cast(writer.schema))
-            tokens += int(pc.sum(table["n_tokens"]).as_py() or 0)
-            rows += table.num_rows
-            del table
-        if writer is None:
-            raise ValueError(f"{path}: no generation parts to assemble (the round has no prompts)")
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException as error:
-        if writer is not None:
-            writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        from flywheel.preflight import disk_full, is_disk_full
-
-        if is_disk_full(error):
-            raise disk_full(path) from error
-        raise
+    with atomic_path(path) as tmp:
+        writer = None
+        try:
+            for part in parts:
+                table = pq.read_table(part)
+                metadata = dict(table.schema.metadata or {})
+                seconds += float(metadata.pop(_PART_SECONDS, b"0"))
+                metadata.pop(_PART_KEY, None)  # per-part bookkeeping, not the table's
+                table = table.replace_schema_metadata(metadata)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table.cast(writer.schema))
+                tokens += int(pc.sum(table["n_tokens"]).as_py() or 0)
+                rows += table.num_rows
+                del table
+        finally:
+            if writer is not None:
+                writer.close()
     return tokens, rows, seconds
-
-
-def _write_table_atomically(table, path: Path) -> None:
-    """As ``dataset.write_parquet`` (temporary file, then rename), for an Arrow table whose schema metadata must
-    survive: a killed write leaves the previous file or none, never half of one."""
-    import os
-    import tempfile
-
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        from flywheel.preflight import disk_full, is_disk_full
-
-        if is_disk_full(error):
-            raise disk_full(path) from error
-        raise
 
 
 def needs_reward_model(config: FlywheelConfig) -> bool:
@@ -811,19 +775,12 @@ def resolve_refiner(config: FlywheelConfig, workspace: Workspace, context: Round
 
 def _register_first_refiner(config: FlywheelConfig, workspace: Workspace,
                             context: RoundContext) -> registry.VersionInfo:
-    from mlflow.exceptions import MlflowException
-
     name, uri = refiner_name(config), workspace.tracking_uri
     policy = registry.get_version(uri, config.model.registered_name, context.champion.version)
     mlflow_client = registry.client(uri)
-    try:
-        mlflow_client.get_registered_model(name)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        mlflow_client.create_registered_model(
-            name, description=f"SPaR refiner of {config.model.registered_name}: trained with SFT on each spar round's "
-                              f"refinements and judgements; no held-out evaluation.")
+    registry.ensure_registered_model(
+        uri, name, description=f"SPaR refiner of {config.model.registered_name}: trained with SFT on each spar "
+                               f"round's refinements and judgements; no held-out evaluation.")
     sha256 = policy.tags.get(f"{registry.TAG}model_sha256", context.champion.sha256)
     tags = {f"{registry.TAG}round": "0", f"{registry.TAG}role": "refiner", f"{registry.TAG}model_sha256": sha256,
             f"{registry.TAG}source": f"models:/{policy.name}/{policy.version}"}
@@ -890,18 +847,10 @@ def train_refiner(config: FlywheelConfig, workspace: Workspace, context: RoundCo
     if existing is None:
         assert trained is not None
         tags = {
-            f"{registry.TAG}round": str(context.number),
-            f"{registry.TAG}round_tag": dataset.tag,
-            f"{registry.TAG}dataset_md5": dataset.dvc_md5,
-            f"{registry.TAG}git_commit": dataset.commit,
-            f"{registry.TAG}config_hash": context.config_hash,
-            f"{registry.TAG}parent_version": used,
+            **_lineage_tags(context, dataset, trained, used),
             f"{registry.TAG}policy_version": context.champion.version,
-            f"{registry.TAG}model_sha256": trained.sha256,
             f"{registry.TAG}role": "refiner",
             f"{registry.TAG}strategy": "spar",
-            f"{registry.TAG}training_method": trained.method,
-            f"{registry.TAG}train_loss": f"{trained.train_loss:.6f}",
             f"{registry.TAG}evaluation": "none (the refiner has no held-out evaluation)",
         }
         existing = registry.register_model_dir(
@@ -926,6 +875,22 @@ def train_models(config: FlywheelConfig, workspace: Workspace, context: RoundCon
     refiner = train_refiner(config, workspace, context, quality, dataset)
     trained = train_candidate(config, workspace, context, quality, dataset)
     return trained if refiner is None else trained.model_copy(update={"refiner": refiner})
+
+
+def _lineage_tags(context: RoundContext, dataset: DatasetVersion, trained: TrainedModel,
+                  parent_version: str) -> dict[str, str]:
+    """What every version a round trains records of where it came from: round, data, code, config, parent, weights."""
+    return {
+        f"{registry.TAG}round": str(context.number),
+        f"{registry.TAG}round_tag": dataset.tag,
+        f"{registry.TAG}dataset_md5": dataset.dvc_md5,
+        f"{registry.TAG}git_commit": dataset.commit,
+        f"{registry.TAG}config_hash": context.config_hash,
+        f"{registry.TAG}parent_version": parent_version,
+        f"{registry.TAG}model_sha256": trained.sha256,
+        f"{registry.TAG}train_loss": f"{trained.train_loss:.6f}",
+        f"{registry.TAG}training_method": trained.method,
+    }
 
 
 def _refiner_tags(quality: QualityResult, trained: TrainedModel) -> dict[str, str]:
@@ -1062,17 +1027,9 @@ def register_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
     existing = registry.find_round_version(uri, name, context.number)
     if existing is None:
         tags = {
-            f"{registry.TAG}round": str(context.number),
-            f"{registry.TAG}round_tag": dataset.tag,
-            f"{registry.TAG}dataset_md5": dataset.dvc_md5,
-            f"{registry.TAG}git_commit": dataset.commit,
-            f"{registry.TAG}config_hash": context.config_hash,
-            f"{registry.TAG}parent_version": context.champion.version,
-            f"{registry.TAG}model_sha256": trained.sha256,
+            **_lineage_tags(context, dataset, trained, context.champion.version),
             f"{registry.TAG}review": f"{'approved' if decision.approved else 'rejected'} by {decision.reviewer}",
-            f"{registry.TAG}train_loss": f"{trained.train_loss:.6f}",
             f"{registry.TAG}strategy": quality.clean.strategy,
-            f"{registry.TAG}training_method": trained.method,
             f"{registry.TAG}judges": ",".join(config.feedback.judges),
             **{f"{registry.TAG}{k}": f"{v:.6f}" for k, v in evaluation.metrics().items() if "type." not in k},
             **_refiner_tags(quality, trained),

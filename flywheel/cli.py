@@ -107,6 +107,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from flywheel.journal import JournalError
     from flywheel.judges import JudgeError
     from flywheel.models import ModelError
+    from flywheel.open_ended import OpenEndedError
     from flywheel.preflight import DiskFullError, PreflightError
     from flywheel.prompts import PromptFileError
     from flywheel.quality import QualityGateError
@@ -121,7 +122,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     routed = sys.modules.get("flows.stages")
     return (ConfigError, JournalError, ModelError, PromptFileError, QualityGateError, RegistryError, TrainingError,
             VersioningError, WorkspaceBusy, PreflightError, DiskFullError, EngineError, JudgeError, DistillError,
-            RewardModelError, *((routed.StageRunFailed,) if routed else ()))
+            RewardModelError, OpenEndedError, *((routed.StageRunFailed,) if routed else ()))
 
 
 def summary_rows(record) -> dict[str, str]:
@@ -141,6 +142,8 @@ def summary_rows(record) -> dict[str, str]:
         "eval before (champion)": f"{ev.champion.prompt_accuracy:.3f}" if ev else "-",
         "eval after (candidate)": f"{ev.candidate.prompt_accuracy:.3f}" if ev else "-",
         "win rate vs champion": f"{ev.win_rate:.3f}" if ev else "-",
+        **({"open-ended win rate": f"{ev.open_ended.win_rate:.3f} ({ev.open_ended.judge}, "
+                                   f"{ev.open_ended.prompts} prompts)"} if ev and ev.open_ended else {}),
         "new version": f"v{record.registration.version}" if record.registration else "-",
         "promoted": ("yes" if promotion.promoted else "no") if promotion else "-",
         "dataset tag": record.dataset.tag if record.dataset else "-",
@@ -156,8 +159,9 @@ def _print_summary(records) -> None:
     for record in records:
         table.add_column(record.name)
     rows = [summary_rows(r) for r in records]
-    for key in rows[0] if rows else []:
-        table.add_row(key, *(row[key] for row in rows))
+    keys = list(dict.fromkeys(key for row in rows for key in row))  # a figure only some rounds have shows "-"
+    for key in keys:
+        table.add_row(key, *(row.get(key, "-") for row in rows))
     Console().print(table)
     for record in records:
         if record.promotion:
@@ -296,6 +300,10 @@ def evaluate(ref: Annotated[str | None, typer.Argument(
                  help="Also the win rate against this model (version, alias or folder); default: the champion, "
                       "unless REF is the champion. 'none': no win rate.")] = None,
              judge: Annotated[str, typer.Option(help="Who decides the wins: verifier, self or teacher.")] = "verifier",
+             open_ended: Annotated[int, typer.Option(
+                 "--open-ended", min=0, help="Also the win rate on N open-ended prompts (evaluation.open_ended_prompts"
+                                             "), the judge comparing both answers in both orders; needs --judge "
+                                             "self or teacher.")] = 0,
              config: ConfigOption = None, workspace: WorkspaceOption = None) -> None:
     """Score a model on the held-out prompts, as rounds do: prompt- and instruction-level accuracy, strict and loose,
     a table per instruction type, and the win rate against the champion."""
@@ -315,7 +323,7 @@ def evaluate(ref: Annotated[str | None, typer.Argument(
     elif against.lower() == "none":
         against = None
     try:
-        result = evaluate_version(cfg, ws, ref, against=against, judge=judge)
+        result = evaluate_version(cfg, ws, ref, against=against, judge=judge, open_ended=open_ended)
     except (registry.RegistryError, ModelError, JudgeError, ValueError) as error:
         _fail(str(error))
     from rich.console import Console
@@ -343,8 +351,14 @@ def evaluate(ref: Annotated[str | None, typer.Argument(
     if result.win_rate is not None:
         table.add_row(f"win rate vs {result.against} (v{result.against_version}, {result.win_judge})",
                       f"{result.win_rate:.3f}", "")
+    if result.open_ended is not None:
+        oe = result.open_ended
+        table.add_row(f"open-ended win rate vs {result.against} ({oe.prompts} prompts, {oe.judge}, both orders: "
+                      f"{oe.wins} won, {oe.losses} lost, {oe.ties} tied)", f"{oe.win_rate:.3f}", "")
     Console().print(table)
     typer.echo(f"rows: {result.results_path}")
+    if result.open_ended_path:
+        typer.echo(f"open-ended answers and verdicts: {result.open_ended_path}")
 
 
 @app.command()

@@ -381,6 +381,14 @@ class EvaluationConfig(Section):
     max_new_tokens: int = Field(96, ge=1, le=4096)
     batch_size: int = Field(32, ge=1, le=1024)
     strict: bool = True
+    open_ended: int = Field(
+        0, ge=0, le=10_000, description="Open-ended prompts (no verifiable constraints) both models answer each round; "
+                                        "an LLM judge compares the two answers in both orders: the open-ended win "
+                                        "rate (reported, not a promotion condition). 0: off.")
+    open_ended_prompts: str = Field(
+        "builtin", min_length=1, description="builtin (40 plain requests), or a JSONL file of {id, prompt} lines.")
+    open_ended_judge: Literal["self", "teacher"] = Field(
+        "self", description="Who compares the answers: the champion (self) or the recipe's feedback.teacher.")
 
 
 class PromotionConfig(Section):
@@ -500,6 +508,9 @@ class FlywheelConfig(Section):
             )
         if self.training.precision == "bf16" and self.training.device == "cpu" and self.training.lora.enabled:
             raise ValueError("training.precision 'bf16' with LoRA is not supported on device 'cpu'; use fp32")
+        if self.evaluation.open_ended_judge == "teacher" and self.feedback.teacher is None:
+            raise ValueError("evaluation.open_ended_judge 'teacher' needs a feedback.teacher section "
+                             "(and 'teacher' in feedback.judges)")
         return self
 
     def config_hash(self) -> str:
@@ -572,6 +583,10 @@ def check_paths(config: FlywheelConfig, source: str, base_dir: Path) -> None:
                 f"{source}: prompts.source: unsupported file type {prompt_file.suffix!r} "
                 "(allowed: .jsonl, .csv, .parquet)"
             )
+    if config.evaluation.open_ended_prompts != "builtin":
+        open_file = resolve(config.evaluation.open_ended_prompts, base_dir)
+        if not open_file.is_file():
+            raise ConfigError(f"{source}: evaluation.open_ended_prompts: file not found: {open_file}")
     base = config.model.base
     if not base.startswith(BUILTIN_PREFIX) and _looks_like_path(base):
         model_dir = resolve(base, base_dir)

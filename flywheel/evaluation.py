@@ -6,6 +6,8 @@ import json
 
 from pydantic import BaseModel, ConfigDict
 
+from flywheel.open_ended import OpenEndedResult
+
 
 class ModelScores(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -30,6 +32,7 @@ class Evaluation(BaseModel):
     accuracy_gain: float
     candidate_perplexity: float | None = None  # general-text probe (flywheel.probe)
     champion_perplexity: float | None = None
+    open_ended: OpenEndedResult | None = None  # LLM-judged comparison on open-ended prompts (evaluation.open_ended)
 
     @property
     def perplexity_increase(self) -> float | None:
@@ -46,6 +49,11 @@ class Evaluation(BaseModel):
             flat["eval.candidate.probe_perplexity"] = self.candidate_perplexity
             flat["eval.champion.probe_perplexity"] = self.champion_perplexity
             flat["eval.probe_perplexity_increase"] = self.perplexity_increase
+        if self.open_ended is not None:
+            flat["eval.open_ended.win_rate"] = self.open_ended.win_rate
+            flat["eval.open_ended.wins"] = float(self.open_ended.wins)
+            flat["eval.open_ended.losses"] = float(self.open_ended.losses)
+            flat["eval.open_ended.ties"] = float(self.open_ended.ties)
         for label, scores in (("candidate", self.candidate), ("champion", self.champion)):
             flat[f"eval.{label}.prompt_accuracy"] = scores.prompt_accuracy
             flat[f"eval.{label}.constraint_accuracy"] = scores.constraint_accuracy

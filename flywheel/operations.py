@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from flywheel import registry
 from flywheel.config import FlywheelConfig
 from flywheel.evaluation import ModelScores
+from flywheel.open_ended import OpenEndedResult
 from flywheel.workspace import Workspace
 
 
@@ -28,6 +29,8 @@ class VersionEvaluation(BaseModel):
     against_version: str | None = None
     win_rate: float | None = None  # share of held-out prompts where this model beats `against`; ties count half
     win_judge: str | None = None  # who decided the wins: verifier, self or teacher
+    open_ended: OpenEndedResult | None = None  # against `against`, on open-ended prompts, by an LLM judge
+    open_ended_path: str | None = None  # the answers and verdicts
 
 
 class ResolvedModel(BaseModel):
@@ -73,16 +76,24 @@ def held_out_prompts(config: FlywheelConfig, workspace: Workspace) -> Path:
 
 
 def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = registry.CHAMPION,
-                     progress=None, *, against: str | None = None, judge: str = "verifier") -> VersionEvaluation:
+                     progress=None, *, against: str | None = None, judge: str = "verifier",
+                     open_ended: int = 0) -> VersionEvaluation:
     """Score a model (registered version, alias or folder) greedily on the held-out prompts, as a round scores its
     models: prompt- and instruction-level accuracy, strict and loose, per instruction type. With ``against``, also
     the win rate over that model's answers, decided by ``judge``: ``verifier`` (the verifier's score), or ``self``
-    / ``teacher`` (the recipe's LLM judge scores both answers; ``self`` is the champion)."""
+    / ``teacher`` (the recipe's LLM judge scores both answers; ``self`` is the champion). With ``open_ended`` N
+    (needs ``against`` and an LLM ``judge``), also the open-ended win rate on N prompts of
+    ``evaluation.open_ended_prompts``, as rounds compute it (``stages.open_ended_comparison``)."""
     from flywheel.dataset import write_parquet
     from flywheel.evaluation import summarize
     from flywheel.models import resolve_device
     from flywheel.probe import perplexity
 
+    if open_ended and against is None:
+        raise ValueError("the open-ended win rate compares two models: name the other one (--against)")
+    if open_ended and judge not in ("self", "teacher"):
+        raise ValueError(f"the open-ended win rate needs an LLM judge (--judge self or teacher), not {judge!r}: "
+                         "the verifier has nothing to check in open-ended prompts")
     model = resolve_model(config, workspace, ref)
     prompts_path = held_out_prompts(config, workspace)
     judged = _score(config, workspace, model, prompts_path, progress)
@@ -95,6 +106,15 @@ def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = re
         other_judged = _score(config, workspace, other, prompts_path, progress)
         extra = {"against": against, "against_version": other.version, "win_judge": judge,
                  "win_rate": _win_rate(config, workspace, prompts_path, judged, other_judged, judge)}
+        if open_ended:
+            from flywheel.stages import open_ended_comparison
+
+            rows = results.with_name(results.name.replace(".standalone.parquet", f".open-ended-vs-"
+                                                          f"{other.version}.parquet"))
+            extra["open_ended"] = open_ended_comparison(config, workspace.root, workspace.state, Path(model.path),
+                                                        Path(other.path), limit=open_ended, judge=judge,
+                                                        rows_path=rows, progress=progress)
+            extra["open_ended_path"] = str(rows)
     return VersionEvaluation(name=model.name, ref=ref, version=model.version, scores=summarize(judged),
                              perplexity=perplexity(Path(model.path), device=resolve_device(config.generation.device)),
                              prompts_path=str(prompts_path), results_path=str(results), **extra)

@@ -248,9 +248,18 @@ def check_stage_pools(config: FlywheelConfig) -> None:
                              f"pool; remove stage_pools to run every stage here")
 
 
+def check_open_ended_prompts(config: FlywheelConfig, root: Path) -> None:
+    """A round with an open-ended win rate loads its prompt file now, not after training."""
+    from flywheel.open_ended import load_open_ended
+
+    if config.evaluation.open_ended:
+        load_open_ended(config.evaluation.open_ended_prompts, config.evaluation.open_ended, root)
+
+
 def preflight(config: FlywheelConfig, workspace) -> None:
     """Every cheap check, before a round writes anything (see the module docstring)."""
     check_stage_pools(config)
     check_storage(config, workspace)
     check_prompts(config, workspace.root)
+    check_open_ended_prompts(config, workspace.root)
     check_base_model(config, workspace)

@@ -933,19 +933,25 @@ def _state_dir(context: RoundContext) -> Path:
     return Path(context.work_dir).parents[1]  # work_dir is <state>/work/round-NNNN
 
 
+def _evaluation_engine(config: FlywheelConfig, model_dir: Path, state_dir: Path):
+    from flywheel.generation import make_engine
+    from flywheel.models import resolve_device
+
+    # Evaluation scores local model folders (the fresh candidate above all), which an endpoint does not serve.
+    engine_name = "transformers" if config.generation.engine == "openai" else config.generation.engine
+    return make_engine(engine_name, model_dir, resolve_device(config.generation.device), config.evaluation.batch_size,
+                       **_engine_options(config, state_dir))
+
+
 def _greedy_eval(config: FlywheelConfig, model_dir: Path, split: PromptSplit, progress: Progress | None,
                  state_dir: Path):
     from flywheel.feedback import judge_with_verifiers
-    from flywheel.generation import SamplingParams, close_engine, make_engine, user_request
-    from flywheel.models import resolve_device
+    from flywheel.generation import SamplingParams, close_engine, user_request
     from flywheel.prompts import load_prompts
 
     prompts = load_prompts(Path(split.eval_path))
     ev = config.evaluation
-    # Evaluation scores local model folders (the fresh candidate above all), which an endpoint does not serve.
-    engine_name = "transformers" if config.generation.engine == "openai" else config.generation.engine
-    engine = make_engine(engine_name, model_dir, resolve_device(config.generation.device), ev.batch_size,
-                         **_engine_options(config, state_dir))
+    engine = _evaluation_engine(config, model_dir, state_dir)
     try:
         completions = engine.generate([user_request(p.prompt) for p in prompts], 1,
                                       SamplingParams(max_new_tokens=ev.max_new_tokens), progress)
@@ -955,6 +961,53 @@ def _greedy_eval(config: FlywheelConfig, model_dir: Path, split: PromptSplit, pr
     # The same answers checked loosely too (IFEval reports both): how much is formatting noise around the answer.
     loose = judge_with_verifiers(prompts, completions, strict=False)
     return judged.assign(loose_passed=loose["passed"].to_numpy(), loose_checks=loose["checks"].to_numpy())
+
+
+def open_ended_comparison(config: FlywheelConfig, base_dir: Path, state_dir: Path, candidate_dir: Path,
+                          champion_dir: Path, *, limit: int | None = None, judge: str | None = None,
+                          rows_path: Path | None = None, progress: Progress | None = None):
+    """The open-ended win rate (``flywheel.open_ended``): both models answer the open-ended prompts greedily, the
+    judge (``evaluation.open_ended_judge`` unless ``judge`` is given) compares each pair in both orders. ``limit``:
+    prompts (default ``evaluation.open_ended``). ``rows_path``: the answers and verdicts as a parquet table."""
+    import pandas as pd
+
+    from flywheel.generation import close_engine
+    from flywheel.judges import build_llm_judge
+    from flywheel.models import resolve_device
+    from flywheel.open_ended import answer, judge_pairs, load_open_ended, summarize_pairs
+
+    ev = config.evaluation
+    judge = judge or ev.open_ended_judge
+    if judge not in ("self", "teacher"):
+        raise ValueError(f"open-ended prompts need an LLM judge (self or teacher), not {judge!r}: "
+                         "the verifier has nothing to check there")
+    if judge == "teacher" and config.feedback.teacher is None:
+        raise ValueError("the teacher judge needs a feedback.teacher section in the recipe")
+    prompts = load_open_ended(ev.open_ended_prompts, limit or ev.open_ended or 32, base_dir)
+    answers = {}
+    for label, model_dir in (("candidate", candidate_dir), ("champion", champion_dir)):
+        engine = _evaluation_engine(config, Path(model_dir), state_dir)
+        try:
+            answers[label] = answer(engine, prompts, ev.max_new_tokens, progress)
+        finally:
+            close_engine(engine)
+    # The judge as the round's feedback builds it, deciding every row (a validated copy would refuse a teacher
+    # section next to judges: [self]).
+    feedback = config.feedback.model_copy(update={"judges": [judge], "llm_scope": "all"})
+    llm = build_llm_judge(config.model_copy(update={"feedback": feedback}), Path(champion_dir), base_dir,
+                          device=resolve_device(config.generation.device),
+                          engine_options=_engine_options(config, state_dir))
+    try:
+        verdicts = judge_pairs(llm.engine, prompts, answers["candidate"], answers["champion"],
+                               max_new_tokens=config.feedback.judge_max_new_tokens)
+    finally:
+        llm.close()
+    if rows_path is not None:
+        write_parquet(pd.DataFrame([{"prompt_id": p.id, "prompt": p.prompt, "candidate": mine, "champion": theirs,
+                                     **v.model_dump(exclude={"prompt_id"})}
+                                    for p, mine, theirs, v in zip(prompts, answers["candidate"],
+                                                                  answers["champion"], verdicts)]), rows_path)
+    return summarize_pairs(verdicts, judge, llm.source, ev.open_ended_prompts)
 
 
 def check_evaluation_tables(config: FlywheelConfig, workspace: Workspace, context: RoundContext, tables: dict) -> None:
@@ -1007,6 +1060,10 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
         "candidate_perplexity": perplexity(Path(trained.path), device=device),
         "champion_perplexity": champion_perplexity,
     })
+    if config.evaluation.open_ended:
+        evaluation = evaluation.model_copy(update={"open_ended": open_ended_comparison(
+            config, workspace.root, workspace.state, Path(trained.path), Path(context.champion.path),
+            rows_path=work / "eval_open_ended.parquet", progress=progress)})
     log_metrics(workspace, context.run_id, evaluation.metrics())
     return evaluation
 
@@ -1017,7 +1074,10 @@ def describe_version(context: RoundContext, data: RoundData, evaluation: Evaluat
                if abs(value - champ.per_type.get(kind, 0)) >= 1e-9]
     return (f"Trained in {context.name} from version {context.champion.version} ({data.strategy}) on {data.pairs} "
             f"pairs / {data.sft} SFT rows. Held-out prompt accuracy {champ.prompt_accuracy:.3f} -> {cand.prompt_accuracy:.3f}, "
-            f"win rate vs champion {evaluation.win_rate:.3f}. Per type: {', '.join(changes) or 'unchanged'}.")
+            f"win rate vs champion {evaluation.win_rate:.3f}"
+            + (f", open-ended win rate {evaluation.open_ended.win_rate:.3f} ({evaluation.open_ended.judge} judge, "
+               f"{evaluation.open_ended.prompts} prompts)" if evaluation.open_ended else "")
+            + f". Per type: {', '.join(changes) or 'unchanged'}.")
 
 
 def register_candidate(config: FlywheelConfig, workspace: Workspace, context: RoundContext, quality: QualityResult,

@@ -17,8 +17,9 @@ from flywheel.versioning import dvc_md5, git, tag_commit
 @pytest.fixture(scope="module")
 def finished_round(tiny_model_dir, tmp_path_factory):
     workspace = tmp_path_factory.mktemp("ws")
-    recipe = write_recipe(workspace / "recipe.yaml",
-                          tiny_recipe(tiny_model_dir, promotion__mode="manual"))
+    recipe = tiny_recipe(tiny_model_dir, promotion__mode="manual")
+    recipe["evaluation"].update(open_ended=2)  # and the open-ended win rate, judged by the champion
+    recipe = write_recipe(workspace / "recipe.yaml", recipe)
     result = run_cli(workspace, "run", "--config", str(recipe), "--workspace", str(workspace))
     return workspace, recipe, result
 
@@ -43,6 +44,14 @@ def test_round_registers_candidate_with_lineage(finished_round):
     assert len(tags["flywheel.config_hash"]) == 16
     assert tags["flywheel.review"] == "approved by policy:auto"
     assert "round-0001" in candidate.description
+    # The open-ended comparison ran in the evaluate stage: in the record, the tags, the table and the summary.
+    record = json.loads((workspace / ".flywheel" / "rounds" / "round-0001.json").read_text())
+    open_ended = record["evaluation"]["open_ended"]
+    assert open_ended["prompts"] == 2 and open_ended["wins"] + open_ended["losses"] + open_ended["ties"] == 2
+    assert float(tags["flywheel.eval.open_ended.win_rate"]) == pytest.approx(open_ended["win_rate"])
+    assert "open-ended win rate" in candidate.description and "open-ended win rate" in result.stdout
+    table = read_table(workspace / ".flywheel" / "work" / "round-0001" / "eval_open_ended.parquet")
+    assert len(table) == 2 and set(table["outcome"]) <= {"win", "loss", "tie"}
 
 
 def test_round_dataset_versioned_by_dvc_and_git(finished_round):
@@ -173,6 +182,21 @@ def test_eval_scores_a_registered_version_as_the_round_did(finished_round):
     assert float(loose) >= float(strict)  # loose checks accept whatever strict ones do, and more
     win = _cells(result.stdout, "win rate vs v1")
     assert "verifier" in win[0] and float(win[1]) == pytest.approx(evaluation["win_rate"], abs=1e-3)
+
+
+def test_eval_open_ended_win_rate(finished_round):
+    workspace, recipe, _ = finished_round
+    result = run_cli(workspace, "eval", "v2", "--against", "v1", "--judge", "self", "--open-ended", "3",
+                     "--config", str(recipe))
+    row = _cells(result.stdout, "open-ended win rate vs v1")
+    assert "3 prompts, self" in row[0] and 0.0 <= float(row[1]) <= 1.0
+    assert "open-ended answers and verdicts:" in result.stdout
+    verifier = run_cli(workspace, "eval", "v2", "--against", "v1", "--open-ended", "3", "--config", str(recipe),
+                       check=False)
+    assert verifier.returncode != 0 and "needs an LLM judge" in verifier.stderr
+    alone = run_cli(workspace, "eval", "v2", "--against", "none", "--judge", "self", "--open-ended", "3",
+                    "--config", str(recipe), check=False)
+    assert alone.returncode != 0 and "compares two models" in alone.stderr
 
 
 def test_eval_scores_a_model_folder(finished_round):

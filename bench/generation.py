@@ -6,10 +6,16 @@ figure is generated tokens (EOS excluded) over wall time. The ceiling is matmul 
 FLOPs one generated token needs, 2 x parameters (prompt processing and attention over the cache are not counted, so
 no engine can reach 100%). A second ratio counts the prompt tokens too (2 x parameters for every token the model
 processes, prompt and answer: model FLOPs utilization, attention still left out); the first is the headline figure.
+
+With ``--samples K`` each batch of B rows answers B / K prompts K times with the round's sampling (temperature,
+top_p 0.95, seed 0), the workload of a round's generate stage; ``transformers`` then pre-fills each prompt once for
+its K samples and ``transformers-plain`` pre-fills every row (plain ``model.generate``): the identity check compares
+each engine's answers with ``transformers-plain``'s.
 Prints a Markdown table; writes bench/out/generation.json and bench/out/generation.png;
 logs them to MLflow (see bench/common.py).
 
     .venv/bin/python bench/generation.py [--batch-sizes 1,2,4,8,16,32,64] [--engines transformers,ctranslate2,...]
+        [--samples 4 --engines transformers,transformers-plain]
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 
-# name -> (make_engine name, compute_type)
+# name -> (make_engine name, compute_type); "transformers-plain" pre-fills every sample's prompt itself (the
+# reference for --samples above 1: plain transformers generation).
 ENGINES = {
     "transformers": ("transformers", "float32"),
+    "transformers-plain": ("transformers", "float32"),
     "ctranslate2": ("ctranslate2", "float32"),
     "ctranslate2-int8": ("ctranslate2", "int8"),
 }
@@ -36,13 +44,16 @@ def build(engine: str, model_dir: Path, batch_size: int, threads: int):
     from flywheel.generation import make_engine
 
     name, compute_type = ENGINES[engine]
-    return make_engine(name, model_dir, "cpu", batch_size, compute_type=compute_type, threads=threads,
-                       cache_dir=common.OUT / "ctranslate2")
+    built = make_engine(name, model_dir, "cpu", batch_size, compute_type=compute_type, threads=threads,
+                        cache_dir=common.OUT / "ctranslate2")
+    if engine == "transformers-plain":
+        built.share_prompts = False
+    return built
 
 
-def timed(engine, requests, params) -> tuple[list, float]:
+def timed(engine, requests, samples, params) -> tuple[list, float]:
     started = time.perf_counter()
-    completions = engine.generate(requests, 1, params)
+    completions = engine.generate(requests, samples, params)
     return completions, time.perf_counter() - started
 
 
@@ -52,6 +63,10 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="0: every core this process can use")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="samples per prompt: a batch of B rows answers B / samples prompts (the round's "
+                             "workload: configs/default.yaml draws 4); above 1, --temperature applies")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args()
     import torch
@@ -73,8 +88,12 @@ def main() -> None:
     load_before = common.machine_load()
     print(f"model {model_dir} ({n_params / 1e6:.1f} M parameters), {threads} threads; {common.load_note(load_before)}")
     ceiling_before = common.ceilings()
-    prompts = [user_request(p.prompt) for p in default_prompts()[: max(sizes)]]
-    params = SamplingParams(max_new_tokens=args.new_tokens)
+    if args.samples < 1 or any(size % args.samples for size in sizes):
+        raise SystemExit(f"--samples {args.samples} must divide every batch size {sizes}")
+    prompts = [user_request(p.prompt) for p in default_prompts()[: max(sizes) // args.samples]]
+    # Greedy with one sample (the identity check); the round's sampling when several samples are drawn.
+    params = (SamplingParams(max_new_tokens=args.new_tokens) if args.samples == 1 else
+              SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=0.95, seed=0))
 
     from flywheel.generation import encode_request
     from flywheel.models import load_tokenizer
@@ -89,10 +108,14 @@ def main() -> None:
         engine.generate(prompts[:2], 1, SamplingParams(max_new_tokens=4))  # warm-up outside the timings
         for size in sizes:
             engine.batch_size = size
-            completions, seconds = timed(engine, prompts[:size], params)
+            asked = size // args.samples
+            completions, seconds = timed(engine, prompts[:asked], args.samples, params)
             tokens = sum(c.n_tokens for c in completions)
-            rows.append({"engine": engine_name, "batch_size": size, "tokens": tokens, "seconds": seconds,
-                         "tokens_per_s": tokens / seconds, "prompt_tokens": sum(prompt_tokens[:size])})
+            # Prompt tokens the engine pre-fills: every row's, or each prompt's once when it shares them.
+            prefills = 1 if getattr(engine, "share_prompts", False) else args.samples
+            rows.append({"engine": engine_name, "batch_size": size, "samples": args.samples, "tokens": tokens,
+                         "seconds": seconds, "tokens_per_s": tokens / seconds,
+                         "prompt_tokens": prefills * sum(prompt_tokens[:asked])})
             print(f"  {engine_name:18} batch {size:3}: {tokens:6} tokens in {seconds:7.1f} s = "
                   f"{tokens / seconds:7.1f} tokens/s", flush=True)
             if size == max(sizes):
@@ -111,9 +134,10 @@ def main() -> None:
         row["ratio_fp32_with_prompt"] = (row["tokens"] + row["prompt_tokens"]) / row["seconds"] / fp32_ceiling
 
     identity = {}
-    reference = outputs.get("transformers")
+    reference_name = "transformers-plain" if "transformers-plain" in outputs else "transformers"
+    reference = outputs.get(reference_name)
     for engine_name, completions in outputs.items():
-        if reference is None or engine_name == "transformers":
+        if reference is None or engine_name == reference_name:
             continue
         same = sum((a.text, a.n_tokens, a.finished) == (b.text, b.n_tokens, b.finished)
                    for a, b in zip(reference, completions))
@@ -130,13 +154,15 @@ def main() -> None:
         ("ratio_bf16", "of bf16 ceiling", ".1%"),
     ])
     for engine_name, result in identity.items():
-        print(f"greedy identity, {engine_name} vs transformers on {result['prompts']} prompts x {args.new_tokens} "
-              f"tokens: {result['identical']}/{result['prompts']} identical (text, tokens, finished)")
+        kind = "greedy" if args.samples == 1 else f"sampled (seed 0, {args.samples} per prompt)"
+        print(f"{kind} identity, {engine_name} vs {reference_name} on {result['prompts']} answers x "
+              f"{args.new_tokens} tokens: {result['identical']}/{result['prompts']} identical (text, tokens, finished)")
     for engine_name, seconds in setup.items():
         print(f"setup {engine_name}: {seconds:.1f} s")
 
     report = {"model": str(model_dir), "parameters": n_params, "flops_per_token": flops_per_token,
-              "new_tokens": args.new_tokens, "threads": threads, "fp32_flops": fp32, "bf16_flops": bf16,
+              "new_tokens": args.new_tokens, "samples": args.samples, "threads": threads, "fp32_flops": fp32,
+              "bf16_flops": bf16,
               "ceilings": {"before": ceiling_before, "after": ceiling_after},
               "load": {"before": load_before, "after": load_after}, "rows": rows, "greedy_identity": identity,
               "setup_seconds": setup, "table": table}
@@ -146,7 +172,8 @@ def main() -> None:
     if not args.no_mlflow:
         best = {f"best_tokens_per_s.{e}": max(r["tokens_per_s"] for r in rows if r["engine"] == e) for e in engines}
         run_id = common.log_to_mlflow("generation", rows, {
-            "model": model_dir.name, "parameters": n_params, "new_tokens": args.new_tokens, "threads": threads,
+            "model": model_dir.name, "parameters": n_params, "new_tokens": args.new_tokens, "samples": args.samples,
+            "threads": threads,
             "fp32_gflops": round(fp32 / 1e9, 1), "bf16_gflops": round(bf16 / 1e9, 1),
             "load_before": load_before, "load_after": load_after,
             **{f"identical.{e}": f"{r['identical']}/{r['prompts']}" for e, r in identity.items()},

@@ -141,3 +141,33 @@ def test_encode_uses_the_chat_template(engine):
     ids = engine.encode(user_request("hello there"))
     text = engine.tokenizer.decode(ids)
     assert text == "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_shared_prompt_prefill_gives_the_same_samples(engine, requests_):
+    # Batches of 8 rows over 3 samples per request: requests split across batch boundaries too.
+    engine.batch_size = 8
+    try:
+        shared_greedy = engine.generate(requests_[:5], 3, GREEDY)
+        shared_sampled = engine.generate(requests_[:5], 3, SAMPLED)
+        engine.share_prompts = False
+        plain_greedy = engine.generate(requests_[:5], 3, GREEDY)
+        plain_sampled = engine.generate(requests_[:5], 3, SAMPLED)
+    finally:
+        engine.share_prompts = True
+    assert [(c.text, c.n_tokens, c.finished) for c in shared_greedy] == [
+        (c.text, c.n_tokens, c.finished) for c in plain_greedy]
+    assert [(c.text, c.n_tokens, c.finished) for c in shared_sampled] == [
+        (c.text, c.n_tokens, c.finished) for c in plain_sampled]
+    assert len(set(_texts(shared_sampled))) > 5
+
+
+def test_shared_prompt_cache_only_when_a_batch_repeats_a_request(engine):
+    import torch
+
+    ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert engine._shared_prompt_cache(ids, mask, [0, 1]) is None
+    cache = engine._shared_prompt_cache(ids[[0, 0, 1]], mask[[0, 0, 1]], [0, 0, 1])
+    assert cache.get_seq_length() == 3  # every prompt token but the last
+    keys = cache.layers[0].keys
+    assert keys.shape[0] == 3 and torch.equal(keys[0], keys[1]) and not torch.equal(keys[0], keys[2])

@@ -404,6 +404,11 @@ class PromotionConfig(Section):
                               "regression: on 2-6 items one flipped answer is a 0.17-0.5 drop, noise that would "
                               "refuse every candidate and stop the rounds from compounding (0: check every type).",
     )
+    type_regression_alpha: float | None = Field(
+        None, gt=0, lt=1, description="With it, a type's drop beyond max_type_regression refuses the candidate only "
+                                      "if significant: one-sided sign test on the type's flipped instructions (lost "
+                                      "vs gained) with p below this. Tells a consistent regression from one "
+                                      "flipped answer at any support (None: the threshold alone).")
     max_perplexity_increase: float | None = Field(
         0.05, ge=0, description="Relative perplexity rise allowed on the general-text probe (None: unchecked)."
     )

@@ -33,6 +33,9 @@ class Evaluation(BaseModel):
     candidate_perplexity: float | None = None  # general-text probe (flywheel.probe)
     champion_perplexity: float | None = None
     open_ended: OpenEndedResult | None = None  # LLM-judged comparison on open-ended prompts (evaluation.open_ended)
+    # instruction type -> [lost, gained]: instructions the champion satisfied and the candidate not, and the reverse
+    # (same prompts; empty in records made before it was kept)
+    per_type_flips: dict[str, list[int]] = {}
 
     @property
     def perplexity_increase(self) -> float | None:
@@ -122,13 +125,42 @@ def compare(candidate_judged, champion_judged) -> Evaluation:
         champion=champion,
         win_rate=float((wins + 0.5 * ties) / len(merged)),
         accuracy_gain=candidate.prompt_accuracy - champion.prompt_accuracy,
+        per_type_flips=type_flips(merged["checks_cand"], merged["checks_champ"]),
     )
+
+
+def type_flips(candidate_checks, champion_checks) -> dict[str, list[int]]:
+    """Instruction type -> [lost, gained] over paired JSON check maps (one pair per prompt, same prompts)."""
+    flips: dict[str, list[int]] = {}
+    for mine, theirs in zip(candidate_checks, champion_checks):
+        mine, theirs = json.loads(mine), json.loads(theirs)
+        for kind in mine.keys() & theirs.keys():
+            counts = flips.setdefault(kind, [0, 0])
+            counts[0] += int(theirs[kind] and not mine[kind])
+            counts[1] += int(mine[kind] and not theirs[kind])
+    return dict(sorted(flips.items()))
+
+
+def sign_test_p(lost: int, gained: int) -> float:
+    """One-sided exact sign test (McNemar's exact test on the discordant pairs): the probability of at least
+    ``lost`` losses among ``lost + gained`` flips if a flip were equally likely either way. 1.0 without flips."""
+    from math import comb
+
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    return sum(comb(n, k) for k in range(lost, n + 1)) / 2 ** n
 
 
 def promotion_verdict(evaluation: Evaluation, human_approved: bool, *, min_gain: float,
                       max_type_regression: float | None, max_perplexity_increase: float | None,
-                      require_human_approval: bool, min_type_support: int = 0) -> tuple[bool, list[str]]:
-    """Whether a candidate meets the promotion policy, with every reason it does or does not."""
+                      require_human_approval: bool, min_type_support: int = 0,
+                      type_regression_alpha: float | None = None) -> tuple[bool, list[str]]:
+    """Whether a candidate meets the promotion policy, with every reason it does or does not.
+
+    With ``type_regression_alpha``, a type's drop beyond ``max_type_regression`` refuses the candidate only when
+    it is also significant: the one-sided sign test on the type's flipped instructions (lost against gained) gives
+    p < alpha. A type without flip counts (an old record) is judged by the threshold alone."""
     reasons, ok = [], True
     gain = evaluation.accuracy_gain
     if gain > min_gain:
@@ -147,10 +179,31 @@ def promotion_verdict(evaluation: Evaluation, human_approved: bool, *, min_gain:
         if thin:
             reasons.append(f"{len(thin)} instruction types with fewer than {min_type_support} held-out instructions "
                            f"not checked for regression: {', '.join(thin)}")
+        noise = {}
+        if type_regression_alpha is not None:
+            flips = evaluation.per_type_flips
+            p_values = {k: sign_test_p(*flips[k]) for k in drops if k in flips}
+            noise = {k: p for k, p in p_values.items() if p >= type_regression_alpha}
+            drops = {k: d for k, d in drops.items() if k not in noise}
+
+            def described(kind: str) -> str:
+                drop = f"{kind} -{champion[kind] - evaluation.candidate.per_type[kind]:.3f}"
+                if kind not in flips:
+                    return drop
+                lost, gained = flips[kind]
+                return f"{drop} (lost {lost}, gained {gained}, p={sign_test_p(lost, gained):.3f})"
+        else:
+            def described(kind: str) -> str:
+                return f"{kind} -{drops[kind]:.3f}"
+        if noise:
+            reasons.append(f"instruction types down beyond {max_type_regression} but not significantly (sign test, "
+                           f"p >= {type_regression_alpha}): {', '.join(described(k) for k in sorted(noise))}")
         if drops:
             ok = False
-            worst = ", ".join(f"{k} -{d:.3f}" for k, d in sorted(drops.items(), key=lambda kv: -kv[1]))
-            reasons.append(f"instruction types regressed beyond {max_type_regression}: {worst}")
+            worst = ", ".join(described(k) for k in sorted(drops, key=lambda k: -drops[k]))
+            beyond = f"beyond {max_type_regression}" + (
+                f", significant at {type_regression_alpha} (sign test)" if type_regression_alpha is not None else "")
+            reasons.append(f"instruction types regressed {beyond}: {worst}")
     if max_perplexity_increase is not None:
         rise = evaluation.perplexity_increase
         if rise is None:

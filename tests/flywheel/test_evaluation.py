@@ -160,3 +160,45 @@ def test_summary_counts_instructions_per_type():
     scores = summarize(judged)
     assert scores.per_type_count == {"a": 2, "b": 1}
     assert scores.per_type == {"a": 0.5, "b": 0.0}
+
+
+def test_compare_counts_flipped_instructions_per_type():
+    evaluation = compare(CANDIDATE, CHAMPION)
+    # no_commas: gained on p1; title: lost on p3, gained on p4; all_lowercase: unchanged on p1 and p2.
+    assert evaluation.per_type_flips == {"all_lowercase": [0, 0], "no_commas": [0, 1], "title": [1, 1]}
+
+
+@pytest.mark.parametrize(("lost", "gained", "p"), [
+    (0, 0, 1.0), (1, 0, 0.5), (2, 0, 0.25), (4, 0, 0.0625), (5, 0, 0.03125), (3, 3, 0.65625), (0, 4, 1.0),
+    (6, 1, 8 / 128),
+])
+def test_sign_test_p(lost, gained, p):
+    from flywheel.evaluation import sign_test_p
+
+    assert sign_test_p(lost, gained) == pytest.approx(p)
+
+
+def _with_flips(evaluation, flips):
+    return evaluation.model_copy(update={"per_type_flips": flips})
+
+
+@pytest.mark.parametrize(("flips", "promoted", "reason"), [
+    # b fell 0.5: on one flipped instruction out of two, that is noise at alpha 0.05...
+    ({"a": [0, 5], "b": [1, 0]}, True, "instruction types down beyond 0.1 but not significantly (sign test, "
+                                       "p >= 0.05): b -0.500 (lost 1, gained 0, p=0.500)"),
+    # ...on five lost and none gained it is a regression.
+    ({"a": [0, 5], "b": [5, 0]}, False, "instruction types regressed beyond 0.1, significant at 0.05 (sign test): "
+                                        "b -0.500 (lost 5, gained 0, p=0.031)"),
+    # A record without flip counts is judged by the threshold alone.
+    ({}, False, "instruction types regressed beyond 0.1, significant at 0.05 (sign test): b -0.500"),
+])
+def test_promotion_verdict_with_a_significance_test(flips, promoted, reason):
+    from flywheel.evaluation import promotion_verdict
+
+    evaluation = _with_flips(_evaluation(0.6, 0.4, {"a": 0.9, "b": 0.0}, {"a": 0.4, "b": 0.5}), flips)
+    ok, reasons = promotion_verdict(evaluation, False, **POLICY, type_regression_alpha=0.05)
+    assert ok is promoted
+    assert any(reason in r for r in reasons), reasons
+    # A drop within the threshold is never tested.
+    small = _with_flips(_evaluation(0.6, 0.4, {"a": 0.9, "b": 0.45}, {"a": 0.4, "b": 0.5}), flips)
+    assert promotion_verdict(small, False, **POLICY, type_regression_alpha=0.05)[0]

@@ -35,6 +35,7 @@ import common  # noqa: E402
 ENGINES = {
     "transformers": ("transformers", "float32"),
     "transformers-plain": ("transformers", "float32"),
+    "transformers-bf16": ("transformers", "bfloat16"),  # generation.precision: bf16 (CPUs with native bf16)
     "ctranslate2": ("ctranslate2", "float32"),
     "ctranslate2-int8": ("ctranslate2", "int8"),
 }
@@ -44,10 +45,13 @@ def build(engine: str, model_dir: Path, batch_size: int, threads: int):
     from flywheel.generation import make_engine
 
     name, compute_type = ENGINES[engine]
+    if name == "transformers":
+        built = make_engine(name, model_dir, "cpu", batch_size,
+                            precision="bf16" if compute_type == "bfloat16" else "fp32")
+        built.share_prompts = engine != "transformers-plain"
+        return built
     built = make_engine(name, model_dir, "cpu", batch_size, compute_type=compute_type, threads=threads,
                         cache_dir=common.OUT / "ctranslate2")
-    if engine == "transformers-plain":
-        built.share_prompts = False
     return built
 
 
@@ -60,7 +64,9 @@ def timed(engine, requests, samples, params) -> tuple[list, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
-    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--engines", default="",
+                        help="default: transformers, ctranslate2, ctranslate2-int8, and transformers-bf16 where the "
+                             "CPU has native bf16 (transformers-plain: add it with --samples above 1)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="0: every core this process can use")
     parser.add_argument("--samples", type=int, default=1,
@@ -78,7 +84,10 @@ def main() -> None:
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    engines = [e for e in args.engines.split(",") if e]
+    from flywheel.generation import cpu_has_native_bf16
+
+    engines = [e for e in args.engines.split(",") if e] or [
+        "transformers", *(["transformers-bf16"] if cpu_has_native_bf16() else []), "ctranslate2", "ctranslate2-int8"]
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         raise SystemExit(f"unknown engine(s) {unknown} (available: {', '.join(ENGINES)})")

@@ -55,15 +55,16 @@ def user_request(prompt: str) -> Request:
 class TransformersEngine:
     """Batched ``model.generate`` on CPU or GPU, sorted by prompt length so padding stays small."""
 
-    def __init__(self, model_dir: Path, device: str = "cpu", batch_size: int = 32):
+    def __init__(self, model_dir: Path, device: str = "cpu", batch_size: int = 32, precision: str = "auto"):
         from flywheel.models import load_model, load_tokenizer
 
         self.device = device
         self.batch_size = batch_size
         self.share_prompts = True  # one pre-fill per request, however many samples (see _shared_prompt_cache)
+        self.precision = resolve_precision(precision, device)
         self.tokenizer = load_tokenizer(model_dir)
         self.tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
-        dtype = "bfloat16" if device == "cuda" else "float32"
+        dtype = "bfloat16" if self.precision == "bf16" else "float32"
         self.model = load_model(model_dir, device=device, dtype=dtype).eval()
 
     def encode(self, request: Request) -> list[int]:
@@ -149,6 +150,27 @@ class TransformersEngine:
         return eos_token_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None))
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); without, torch emulates it ~100x slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``generation.precision`` for a device: auto is bf16 on CUDA and fp32 on CPU; bf16 on a CPU only if native."""
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown generation precision {precision!r} (auto, fp32 or bf16)")
+    if precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
+        raise EngineError("generation.precision 'bf16': this CPU has no native bf16 (AVX512-BF16 or AMX), torch "
+                          "would emulate it about 100x slower than fp32: use fp32 or auto")
+    return precision
+
+
 def length_sorted_jobs(encoded: Sequence[list[int]], samples: int) -> list[tuple[int, int]]:
     """Every (request, sample) job, longest prompt first: the slowest batches start early and memory peaks at the
     beginning, not the end; equal lengths share batches, so padding stays small."""
@@ -181,11 +203,12 @@ def _cut_at_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
 
 
 def make_engine(name: str, model_dir: Path, device: str, batch_size: int, endpoint=None, *,
-                compute_type: str = "float32", threads: int = 0, cache_dir: Path | None = None) -> Engine:
+                compute_type: str = "float32", threads: int = 0, cache_dir: Path | None = None,
+                precision: str = "auto") -> Engine:
     """``endpoint``: the ``openai`` engine's server section (``flywheel.config.EndpointConfig``); it serves its
     own model, so ``model_dir`` is not used there. ``compute_type``, ``threads`` and ``cache_dir`` (where converted
     models are kept; None: ``$FLYWHEEL_CT2_CACHE`` or ``~/.cache/flywheel/ctranslate2``) are the ``ctranslate2``
-    engine's."""
+    engine's; ``precision`` (``resolve_precision``) the ``transformers`` engine's."""
     if name == "openai":
         if endpoint is None:
             raise ValueError("generation engine 'openai' needs an endpoint (generation.openai: base_url, model)")
@@ -193,7 +216,7 @@ def make_engine(name: str, model_dir: Path, device: str, batch_size: int, endpoi
 
         return OpenAIEngine.from_config(endpoint)
     if name == "transformers":
-        return TransformersEngine(model_dir, device=device, batch_size=batch_size)
+        return TransformersEngine(model_dir, device=device, batch_size=batch_size, precision=precision)
     if name == "ctranslate2":
         from flywheel.ct2_engine import CTranslate2Engine
 

@@ -256,9 +256,23 @@ def check_open_ended_prompts(config: FlywheelConfig, root: Path) -> None:
         load_open_ended(config.evaluation.open_ended_prompts, config.evaluation.open_ended, root)
 
 
+def check_generation_precision(config: FlywheelConfig) -> None:
+    """bf16 generation on a CPU that would emulate it fails now, not at the generate stage."""
+    from flywheel.generation import EngineError, resolve_precision
+    from flywheel.models import resolve_device
+
+    gen = config.generation
+    if gen.engine == "transformers" and gen.precision == "bf16":
+        try:
+            resolve_precision(gen.precision, resolve_device(gen.device))
+        except EngineError as error:
+            raise PreflightError(str(error)) from None
+
+
 def preflight(config: FlywheelConfig, workspace) -> None:
     """Every cheap check, before a round writes anything (see the module docstring)."""
     check_stage_pools(config)
+    check_generation_precision(config)
     check_storage(config, workspace)
     check_prompts(config, workspace.root)
     check_open_ended_prompts(config, workspace.root)

@@ -923,10 +923,12 @@ def grpo_options(config: FlywheelConfig, context: RoundContext) -> dict:
 
 
 def _engine_options(config: FlywheelConfig, state_dir: Path) -> dict:
-    """The ctranslate2 engine's settings; converted models are cached in the workspace's state dir, next to the
-    model store, keyed by each model's sha256 (rounds, standalone evaluation and generation share the cache)."""
+    """The local engines' settings: the transformers engine's precision, and the ctranslate2 engine's (converted
+    models are cached in the workspace's state dir, next to the model store, keyed by each model's sha256: rounds,
+    standalone evaluation and generation share the cache)."""
     gen = config.generation
-    return {"compute_type": gen.compute_type, "threads": gen.threads, "cache_dir": state_dir / "ctranslate2"}
+    return {"compute_type": gen.compute_type, "threads": gen.threads, "cache_dir": state_dir / "ctranslate2",
+            "precision": gen.precision}
 
 
 def _state_dir(context: RoundContext) -> Path:

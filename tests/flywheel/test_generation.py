@@ -171,3 +171,39 @@ def test_shared_prompt_cache_only_when_a_batch_repeats_a_request(engine):
     assert cache.get_seq_length() == 3  # every prompt token but the last
     keys = cache.layers[0].keys
     assert keys.shape[0] == 3 and torch.equal(keys[0], keys[1]) and not torch.equal(keys[0], keys[2])
+
+
+def test_precision_resolves_per_device(monkeypatch):
+    import flywheel.generation as generation
+    from flywheel.generation import EngineError, resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cuda") == "bf16"
+    monkeypatch.setattr(generation, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(EngineError, match="no native bf16 .* use fp32 or auto"):
+        resolve_precision("bf16", "cpu")
+    monkeypatch.setattr(generation, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="unknown generation precision"):
+        resolve_precision("fp8", "cpu")
+
+
+def test_bf16_engine_on_a_cpu_with_native_bf16(lively_model_dir, requests_, monkeypatch):
+    import torch
+
+    import flywheel.generation as generation
+
+    monkeypatch.setattr(generation, "cpu_has_native_bf16", lambda: True)  # the tiny model is cheap even if emulated
+    engine = make_engine("transformers", lively_model_dir, "cpu", 8, precision="bf16")
+    assert engine.precision == "bf16" and next(engine.model.parameters()).dtype == torch.bfloat16
+    completions = engine.generate(requests_[:3], 1, GREEDY)
+    assert len(completions) == 3 and all(c.n_tokens > 0 for c in completions)
+    assert next(make_engine("transformers", lively_model_dir, "cpu", 8).model.parameters()).dtype == torch.float32
+
+
+def test_precision_is_the_transformers_engines():
+    from flywheel.config import ConfigError, parse_config
+
+    assert parse_config({"generation": {"precision": "bf16"}}).generation.precision == "bf16"
+    with pytest.raises(ConfigError, match="precision 'bf16' is the transformers engine's"):
+        parse_config({"generation": {"engine": "ctranslate2", "precision": "bf16"}})

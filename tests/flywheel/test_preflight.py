@@ -160,3 +160,17 @@ def test_remote_host_lookup_that_hangs_is_cut_short(monkeypatch):
             check_dvc_remote("https://dvc.example.org/store")
     finally:
         release.set()
+
+
+def test_bf16_generation_on_a_cpu_without_native_bf16_is_refused_before_the_round(monkeypatch):
+    import flywheel.generation as generation
+    from flywheel.config import parse_config
+    from flywheel.preflight import PreflightError, check_generation_precision
+
+    config = parse_config({"generation": {"precision": "bf16", "device": "cpu"}})
+    monkeypatch.setattr(generation, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(PreflightError, match="no native bf16"):
+        check_generation_precision(config)
+    monkeypatch.setattr(generation, "cpu_has_native_bf16", lambda: True)
+    check_generation_precision(config)
+    check_generation_precision(parse_config({"generation": {"device": "cpu"}}))

@@ -29,7 +29,10 @@ def publish_round(record: RoundRecord, registered_name: str, tracking_uri: str) 
         create_table_artifact(
             [{"instruction type": k, "instructions": ev.champion.per_type_count.get(k),
               "champion": round(ev.champion.per_type.get(k, 0.0), 4),
-              "candidate": round(ev.candidate.per_type.get(k, 0.0), 4)} for k in kinds],
+              "candidate": round(ev.candidate.per_type.get(k, 0.0), 4),
+              # flipped instructions, what the promotion policy's sign test reads
+              "lost": ev.per_type_flips.get(k, [None, None])[0],
+              "gained": ev.per_type_flips.get(k, [None, None])[1]} for k in kinds],
             key=artifact_key("round-per-type", registered_name),
             description=f"Held-out accuracy per instruction type, {record.name}")
     lines = [f"## {registered_name} {record.name}: {record.status}", "",

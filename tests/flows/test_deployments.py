@@ -4,6 +4,7 @@ deployments run. The server tests are marked `server` (run alone with: -m server
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -202,6 +203,9 @@ def test_schedule_creates_a_round_that_completes(served):
     keys = {a.key for a in artifacts}
     assert {"round-results-tiny-policy", "round-per-type-tiny-policy", "round-summary-tiny-policy",
             "round-plot-tiny-policy"} <= keys
+    per_type = next(a for a in artifacts if a.key == "round-per-type-tiny-policy").data
+    per_type = json.loads(per_type) if isinstance(per_type, str) else per_type
+    assert per_type and {"instruction type", "champion", "candidate", "lost", "gained"} <= set(per_type[0])
     summary = next(a for a in artifacts if a.key == "round-summary-tiny-policy").data
     assert "champion at start: v1" in summary and "candidate: v2" in summary
     plot = next(a for a in artifacts if a.key == "round-plot-tiny-policy")

@@ -4,6 +4,10 @@ Runs `flywheel run` on a recipe in a scratch workspace (never the checkout), the
 from the workspace's Prefect database and prints a table, writes bench/out/round.json and bench/out/round.png.
 
     .venv/bin/python bench/round.py [--config configs/default.yaml] [--workspace /tmp/flywheel-bench]
+        [--api-url http://127.0.0.1:4200/api]
+
+With ``--api-url`` the round reports to a running Prefect server (as scheduled rounds on a worker do) and the
+stage times are read from it: the embedded API's start and stop drop out of the process wall time.
 """
 
 from __future__ import annotations
@@ -23,20 +27,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def run_round(config: Path, workspace: Path) -> float:
+def run_round(config: Path, workspace: Path, api_url: str | None = None) -> float:
     env = dict(os.environ, PREFECT_HOME=str(workspace / ".flywheel" / "prefect"), FLYWHEEL_WORKSPACE=str(workspace))
     env.pop("PREFECT_API_URL", None)
+    if api_url:  # a running Prefect server, as scheduled rounds use: no embedded API to start and stop
+        env["PREFECT_API_URL"] = api_url
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "flywheel.cli", "run", "--config", str(config), "--workspace",
                     str(workspace)], check=True, env=env, cwd=workspace)
     return time.perf_counter() - started
 
 
-def stage_times(workspace: Path) -> tuple[list[tuple[str, float]], float]:
+def stage_times(workspace: Path, api_url: str | None = None) -> tuple[list[tuple[str, float]], float]:
     from flywheel.workspace import quiet_environment
 
     os.environ.update(quiet_environment())
     os.environ["PREFECT_HOME"] = str(workspace / ".flywheel" / "prefect")
+    if api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+    else:
+        os.environ.pop("PREFECT_API_URL", None)
     from prefect import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import FlowRunSort
@@ -81,6 +91,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
     parser.add_argument("--workspace", type=Path, default=Path("/tmp/flywheel-bench-round"))
     parser.add_argument("--keep", action="store_true", help="reuse the workspace (the base model stays provisioned)")
+    parser.add_argument("--api-url", default=None,
+                        help="a running Prefect server's API (http://127.0.0.1:4200/api, e.g. from `flywheel ui`): "
+                             "the round reports to it as scheduled rounds do, instead of starting the embedded API")
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args()
     if args.workspace.resolve() == ROOT or ROOT in args.workspace.resolve().parents:
@@ -90,9 +103,9 @@ def main() -> None:
     args.workspace.mkdir(parents=True, exist_ok=True)
 
     load_before = common.machine_load()
-    wall = run_round(args.config.resolve(), args.workspace)
+    wall = run_round(args.config.resolve(), args.workspace, args.api_url)
     load_after = common.machine_load()
-    stages, flow_seconds = stage_times(args.workspace)
+    stages, flow_seconds = stage_times(args.workspace, args.api_url)
     accounted = sum(seconds for _, seconds in stages)
     print(f"\nround wall time (process): {wall:8.1f} s   flow run: {flow_seconds:8.1f} s")
     print(f"{'stage':24} {'seconds':>9} {'share':>7}")
@@ -109,7 +122,8 @@ def main() -> None:
 
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    report = {"config": str(args.config), "process_seconds": wall, "flow_seconds": flow_seconds,
+    report = {"config": str(args.config), "api": args.api_url or "embedded", "process_seconds": wall,
+              "flow_seconds": flow_seconds,
               "load": {"before": load_before, "after": load_after}, "overhead": overhead,
               "stages": [{"stage": n, "seconds": s} for n, s in stages]}
     (out / "round.json").write_text(json.dumps(report, indent=2))
@@ -129,7 +143,8 @@ def main() -> None:
     if not args.no_mlflow:
         rows = [{"stage": n, "seconds": s, "share": s / flow_seconds} for n, s in stages]
         run_id = common.log_to_mlflow("round", rows, {
-            "config": args.config.name, "load_before": load_before, "load_after": load_after,
+            "config": args.config.name, "api": args.api_url or "embedded", "load_before": load_before,
+            "load_after": load_after,
         }, [out / "round.json", out / "round.png"], metrics={"flow_seconds": flow_seconds, "process_seconds": wall,
                                                              "overhead_share": overhead["overhead_share"]})
         print(f"logged MLflow run {run_id} in experiment {common.EXPERIMENT}")

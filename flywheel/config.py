@@ -245,7 +245,9 @@ class TrainingConfig(Section):
     max_length: int = Field(384, ge=16)
     beta: float = Field(0.1, gt=0, description="DPO temperature.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a capable GPU, else fp32.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on a capable GPU, else fp32. bf16 (mixed precision) on a CPU needs native "
+                            "bf16 (AVX512-BF16 or AMX).")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about a quarter more compute. "
                            "TRL turns it on by default; a small model on a CPU is faster without.",

@@ -57,8 +57,12 @@ MetricSink = Callable[[dict[str, float], int], None]
 def _precision(config: TrainingConfig, device: str) -> str:
     if config.precision != "auto":
         if config.precision == "bf16" and device == "cpu":
-            # bf16 autocast on this project's CPUs is refused or slower than fp32; make the user choose knowingly.
-            raise TrainingError("training.precision 'bf16' is not supported on CPU here; use 'fp32' or 'auto'")
+            from flywheel.generation import cpu_has_native_bf16
+
+            # Without AVX512-BF16/AMX torch emulates bf16, far slower than fp32: make the user choose knowingly.
+            if not cpu_has_native_bf16():
+                raise TrainingError("training.precision 'bf16': this CPU has no native bf16 (AVX512-BF16 or AMX), "
+                                    "torch would emulate it far slower than fp32; use 'fp32' or 'auto'")
         return config.precision
     import torch
 

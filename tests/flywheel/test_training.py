@@ -115,9 +115,21 @@ def test_rows_longer_than_max_length_raise(tiny_model_dir, tmp_path, method):
     assert not (tmp_path / "long").exists()
 
 
-def test_bf16_on_cpu_is_refused(tiny_model_dir, tmp_path):
-    with pytest.raises(TrainingError, match="bf16"):
+def test_bf16_on_a_cpu_without_native_bf16_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    import flywheel.generation as generation
+
+    monkeypatch.setattr(generation, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(TrainingError, match="no native bf16"):
         train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", precision="bf16", **FAST), tmp_path / "bf16")
+
+
+def test_bf16_on_a_cpu_with_native_bf16_trains(tiny_model_dir, tmp_path, monkeypatch):
+    import flywheel.generation as generation
+
+    monkeypatch.setattr(generation, "cpu_has_native_bf16", lambda: True)  # emulated or not, a tiny model is cheap
+    result = train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", precision="bf16", **FAST),
+                   tmp_path / "bf16")
+    assert result.precision == "bf16" and result.changed_parameters > 0
 
 
 _KILLED_TRAINING = """

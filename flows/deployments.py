@@ -160,4 +160,27 @@ def deploy(config: FlywheelConfig, workspace: str, cron: str | None = None, work
     for deployment in build_deployments(config, workspace, cron):
         deployment.apply(work_pool_name=deployment.work_pool_name or pool)
         names.append(deployment.full_name)
+    remove_unrouted_stage_deployments(config)
     return names
+
+
+def remove_unrouted_stage_deployments(config: FlywheelConfig) -> list[str]:
+    """Delete this recipe's stage deployments for stages the recipe no longer routes: a stale one is never run by
+    the round, but would show in the UI (and in `prefect deployment ls`) as if the stage still went to its pool."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.stages import STAGE_FLOWS
+
+    removed = []
+    with get_client(sync_client=True) as client:
+        for stage, flow_name in STAGE_FLOWS.items():
+            if stage in config.deployment.stage_pools:
+                continue
+            try:
+                stale = client.read_deployment_by_name(f"{flow_name}/{config.name}")
+            except ObjectNotFound:
+                continue
+            client.delete_deployment(stale.id)
+            removed.append(f"{flow_name}/{config.name}")
+    return removed

@@ -267,3 +267,25 @@ def test_a_routed_stage_runs_as_its_own_flow_run_on_its_pool(routed):
     uri = f"sqlite:///{workspace / '.flywheel' / 'mlflow.db'}"
     assert registry.get_version(uri, "tiny-policy", record.registration.version).version == \
         record.registration.version != "1"
+
+
+@pytest.mark.server
+@pytest.mark.timeout(900)  # run alone, it includes the module's server, deploy and worker start
+def test_redeploying_without_routing_removes_the_stage_deployment(routed, tiny_model_dir):
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.deployments import deploy
+    from flywheel.config import parse_config
+
+    recipe = {**tiny_recipe(tiny_model_dir), "name": "tiny-rerouted"}
+    workspace = str(routed["workspace"])
+    names = deploy(parse_config({**recipe, "deployment": ROUTED["deployment"]}), workspace)
+    assert "flywheel-stage-train/tiny-rerouted" in names
+    with _client() as client:
+        client.read_deployment_by_name("flywheel-stage-train/tiny-rerouted")
+    names = deploy(parse_config(recipe), workspace)
+    assert not any(name.startswith("flywheel-stage-") for name in names)
+    with _client() as client, pytest.raises(ObjectNotFound):
+        client.read_deployment_by_name("flywheel-stage-train/tiny-rerouted")
+    with _client() as client:  # another recipe's stage deployment is left alone
+        client.read_deployment_by_name("flywheel-stage-train/tiny-routed")

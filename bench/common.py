@@ -48,15 +48,6 @@ def load_note(load: dict) -> str:
     return f"load average {load['load_1m']} / {load['load_5m']} / {load['load_15m']} on {load['cores']} cores{busy}"
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
 def matmul_flops(dtype: str, size: int = 2048, seconds: float = 2.0) -> float:
     """FLOP/s of a square matmul in torch on this process's threads: the hardware's practical ceiling."""
     import torch
@@ -75,8 +66,9 @@ def matmul_flops(dtype: str, size: int = 2048, seconds: float = 2.0) -> float:
 
 def ceilings() -> dict:
     """fp32 and bf16 matmul FLOP/s. bf16 runs at a smaller size: without AVX512-BF16/AMX it is emulated and slow."""
-    flags = cpu_flags()
-    native_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    from flywheel.generation import cpu_has_native_bf16
+
+    native_bf16 = cpu_has_native_bf16()
     return {"fp32_flops": matmul_flops("float32"),
             "bf16_flops": matmul_flops("bfloat16", size=2048 if native_bf16 else 512),
             "bf16_native": native_bf16}

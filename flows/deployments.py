@@ -164,7 +164,7 @@ def deploy(config: FlywheelConfig, workspace: str, cron: str | None = None, work
     return names
 
 
-def remove_unrouted_stage_deployments(config: FlywheelConfig) -> list[str]:
+def remove_unrouted_stage_deployments(config: FlywheelConfig) -> None:
     """Delete this recipe's stage deployments for stages the recipe no longer routes: a stale one is never run by
     the round, but would show in the UI (and in `prefect deployment ls`) as if the stage still went to its pool."""
     from prefect import get_client
@@ -172,7 +172,6 @@ def remove_unrouted_stage_deployments(config: FlywheelConfig) -> list[str]:
 
     from flows.stages import STAGE_FLOWS
 
-    removed = []
     with get_client(sync_client=True) as client:
         for stage, flow_name in STAGE_FLOWS.items():
             if stage in config.deployment.stage_pools:
@@ -182,5 +181,3 @@ def remove_unrouted_stage_deployments(config: FlywheelConfig) -> list[str]:
             except ObjectNotFound:
                 continue
             client.delete_deployment(stale.id)
-            removed.append(f"{flow_name}/{config.name}")
-    return removed

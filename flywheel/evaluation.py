@@ -179,25 +179,21 @@ def promotion_verdict(evaluation: Evaluation, human_approved: bool, *, min_gain:
         if thin:
             reasons.append(f"{len(thin)} instruction types with fewer than {min_type_support} held-out instructions "
                            f"not checked for regression: {', '.join(thin)}")
-        noise = {}
-        if type_regression_alpha is not None:
-            flips = evaluation.per_type_flips
-            p_values = {k: sign_test_p(*flips[k]) for k in drops if k in flips}
-            noise = {k: p for k, p in p_values.items() if p >= type_regression_alpha}
-            drops = {k: d for k, d in drops.items() if k not in noise}
+        flips = evaluation.per_type_flips if type_regression_alpha is not None else {}
+        p_values = {k: sign_test_p(*flips[k]) for k in drops if k in flips}
+        noise = sorted(k for k, p in p_values.items() if p >= type_regression_alpha)
+        drops = {k: d for k, d in drops.items() if k not in noise}
 
-            def described(kind: str) -> str:
-                drop = f"{kind} -{champion[kind] - evaluation.candidate.per_type[kind]:.3f}"
-                if kind not in flips:
-                    return drop
-                lost, gained = flips[kind]
-                return f"{drop} (lost {lost}, gained {gained}, p={sign_test_p(lost, gained):.3f})"
-        else:
-            def described(kind: str) -> str:
-                return f"{kind} -{drops[kind]:.3f}"
+        def described(kind: str) -> str:
+            drop = f"{kind} -{champion[kind] - evaluation.candidate.per_type[kind]:.3f}"
+            if kind not in p_values:
+                return drop
+            lost, gained = flips[kind]
+            return f"{drop} (lost {lost}, gained {gained}, p={p_values[kind]:.3f})"
+
         if noise:
             reasons.append(f"instruction types down beyond {max_type_regression} but not significantly (sign test, "
-                           f"p >= {type_regression_alpha}): {', '.join(described(k) for k in sorted(noise))}")
+                           f"p >= {type_regression_alpha}): {', '.join(described(k) for k in noise)}")
         if drops:
             ok = False
             worst = ", ".join(described(k) for k in sorted(drops, key=lambda k: -drops[k]))

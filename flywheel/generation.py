@@ -153,10 +153,11 @@ class TransformersEngine:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); without, torch emulates it ~100x slower."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return bool(set(line.split(":", 1)[-1].split()) & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_precision(precision: str, device: str) -> str:

@@ -168,20 +168,28 @@ class Vote(BaseModel):
     critique: str
 
 
+def final_line(text: str) -> tuple[str, list[str]]:
+    """A model's reply split into its last non-empty line, markdown decoration stripped (where judges ask for their
+    decision), and the lines before it; ("", []) for an empty reply."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "", []
+    return _DECORATION.sub("", lines[-1]).strip().lstrip("-+ ").strip(), lines[:-1]
+
+
 def parse_verdict(text: str) -> Vote:
     """Strict about where the verdict is (the last non-empty line), tolerant of case and markdown around it.
 
     A verdict anywhere but the last line (say, followed by more text) is no verdict: the model did not finish as
     asked, and a verdict in the middle of a ramble is not trusted.
     """
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    if not lines:
+    last, before = final_line(text)
+    if not last:
         return Vote(passed=None, critique="")
-    last = _DECORATION.sub("", lines[-1]).strip().lstrip("-+ ").strip()
     match = _VERDICT_LINE.match(last)
     if match is None:
         return Vote(passed=None, critique=text.strip())
-    return Vote(passed=match.group(1).lower() == "pass", critique="\n".join(lines[:-1]).strip())
+    return Vote(passed=match.group(1).lower() == "pass", critique="\n".join(before).strip())
 
 
 def majority(votes: Sequence[Vote], judge: str) -> JudgeVerdict:

@@ -150,7 +150,6 @@ Which answer is more helpful, correct and clear for this request? Explain in at 
 one final line that is exactly "WINNER: A" or "WINNER: B"."""
 
 _WINNER_LINE = re.compile(r"^winner\s*[:=\-]?\s*(?:answer\s+)?([ab])\s*[.!]?$", re.IGNORECASE)
-_DECORATION = re.compile(r"[*_`#>\[\]]")
 
 
 def compare_prompt(prompt: str, first: str, second: str) -> str:
@@ -160,11 +159,9 @@ def compare_prompt(prompt: str, first: str, second: str) -> str:
 
 def parse_winner(text: str) -> Winner | None:
     """The winner on the reply's last non-empty line (case and markdown tolerated); None if it is not there."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    if not lines:
-        return None
-    last = _DECORATION.sub("", lines[-1]).strip().lstrip("-+ ").strip()
-    match = _WINNER_LINE.match(last)
+    from flywheel.judges import final_line
+
+    match = _WINNER_LINE.match(final_line(text)[0])
     return match.group(1).upper() if match else None  # type: ignore[return-value]
 
 

@@ -32,6 +32,7 @@ import common  # noqa: E402
 
 RECIPES = {
     "best_of_n": "default.yaml",
+    "repair": "repair.yaml",
     "self_refine": "self-refine.yaml",
     "spar": "spar.yaml",
     "sami": "sami.yaml",

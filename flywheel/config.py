@@ -244,6 +244,10 @@ class TrainingConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(384, ge=16)
     beta: float = Field(0.1, gt=0, description="DPO temperature.")
+    sft_weight: float = Field(
+        0.0, ge=0, description="DPO only: weight of an SFT (negative log-likelihood) term on the chosen answers added "
+                               "to the preference loss (RPO); it keeps the chosen answers likely instead of only "
+                               "apart from the rejected ones. 0: plain DPO.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on a capable GPU, else fp32. bf16 (mixed precision) on a CPU needs native "
@@ -266,6 +270,9 @@ class TrainingConfig(Section):
 
     @model_validator(mode="after")
     def _launchable(self) -> TrainingConfig:
+        if self.sft_weight > 0 and self.method != "dpo":
+            raise ValueError(f"sft_weight adds an SFT term to the DPO loss; method {self.method!r} has none to add "
+                             "it to (set it to 0)")
         if self.processes > 1 and self.method == "grpo":
             raise ValueError("processes > 1 is not supported with method 'grpo' yet (its reward settings do not "
                              "travel to the launched processes)")
@@ -282,6 +289,30 @@ DEFAULT_PRINCIPLES = (
 
 class BestOfNConfig(Section):
     """Rejection sampling: per prompt, the best sample (by the judges) is chosen, the worst rejected."""
+
+
+class RepairConfig(Section):
+    """Verifier-guided repair (``flywheel.repair``): failed answers get the mechanical fixes of the instructions
+    they break (case, commas, opening and closing phrases, postscripts, ...); a repair the verifier scores higher
+    becomes the pair (repaired, original), and an SFT target when it passes. Needs the verifier among the judges."""
+
+    types: list[str] | None = Field(None, description="Instruction types to repair; None: every type with a fixer.")
+    trim_unfinished: bool = Field(True, description="A repaired answer is also cut back to its last complete "
+                                                    "sentence, so it never teaches stopping mid-sentence.")
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        from flywheel.repair import FIXERS
+
+        unknown = [name for name in value if name not in FIXERS]
+        if unknown:
+            raise ValueError(f"no repair for instruction type {unknown[0]!r}; types with one: {', '.join(FIXERS)}")
+        if not value:
+            raise ValueError("an empty list repairs nothing: leave types out to repair every type with a fixer")
+        return value
 
 
 class SelfRefineConfig(Section):
@@ -356,8 +387,9 @@ class GrpoConfig(Section):
 class StrategyConfig(Section):
     """How a round turns the policy's own answers into training data; each strategy has its own section."""
 
-    name: Literal["best_of_n", "self_refine", "spar", "sami", "distill", "grpo"] = "best_of_n"
+    name: Literal["best_of_n", "repair", "self_refine", "spar", "sami", "distill", "grpo"] = "best_of_n"
     best_of_n: BestOfNConfig = BestOfNConfig()
+    repair: RepairConfig = RepairConfig()
     self_refine: SelfRefineConfig = SelfRefineConfig()
     spar: SparConfig = SparConfig()
     sami: SamiConfig = SamiConfig()
@@ -378,6 +410,7 @@ class StrategyConfig(Section):
 # The training methods a strategy's data can feed.
 STRATEGY_METHODS: dict[str, tuple[str, ...]] = {
     "best_of_n": ("dpo", "sft"),
+    "repair": ("dpo", "sft"),
     "self_refine": ("dpo", "sft"),
     "spar": ("dpo", "sft"),
     "sami": ("sami",),
@@ -510,6 +543,9 @@ class FlywheelConfig(Section):
         if self.training.method not in allowed:
             raise ValueError(f"strategy {self.strategy.name!r} trains with training.method "
                              f"{' or '.join(repr(m) for m in allowed)}, not {self.training.method!r}")
+        if self.strategy.name == "repair" and "verifier" not in self.feedback.judges:
+            raise ValueError("strategy 'repair' needs 'verifier' in feedback.judges: the verifier decides which "
+                             "repairs count")
         if self.training.method == "dpo" and self.generation.samples_per_prompt < 2:
             raise ValueError(
                 "training.method 'dpo' needs generation.samples_per_prompt >= 2 (a pair needs two samples)"

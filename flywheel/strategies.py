@@ -2,6 +2,8 @@
 
 * ``best_of_n`` (rejection sampling): per prompt, the best sample by the judges is chosen and the worst rejected;
   accepted samples are SFT targets (``flywheel.dataset``).
+* ``repair``: failed answers get the mechanical fixes of the instructions they break (``flywheel.repair``); the
+  pair (repaired, original) takes the place of the best-of-n pair of its prompt.
 * ``self_refine`` (SELF) and ``spar`` (SPaR): failed answers are critiqued and rewritten by the policy
   (``flywheel.refine``); their pairs take the place of the best-of-n pair of the same prompt.
 * ``sami``: answers under sampled constitutions for the SAMI contrastive loss (``flywheel.sami``).
@@ -71,6 +73,12 @@ def build_strategy_data(config: FlywheelConfig, prompts: Sequence[Prompt], sampl
     base = best_of_n(samples, config)
     if name in ("best_of_n", "grpo"):
         return base
+    if name == "repair":
+        from flywheel.repair import repair_samples
+
+        result = repair_samples(prompts, samples, config.strategy.repair, strict=config.feedback.strict)
+        return merge_refined(base, result.pairs, result.sft, _prefixed("repair", result.stats),
+                             config.feedback.chosen_must_pass)
     from flywheel.generation import make_engine
 
     gen = config.generation

@@ -231,7 +231,9 @@ def _make_trainer(config: TrainingConfig, model, tokenizer, rows: list[dict], co
         if config.method == "dpo":
             from trl import DPOConfig, DPOTrainer
 
-            return DPOTrainer(model=model, args=DPOConfig(output_dir=output_dir, beta=config.beta, **common),
+            losses = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, config.sft_weight]) \
+                if config.sft_weight > 0 else {}
+            return DPOTrainer(model=model, args=DPOConfig(output_dir=output_dir, beta=config.beta, **losses, **common),
                               train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
                               callbacks=callbacks)
         from trl import SFTConfig, SFTTrainer

@@ -58,6 +58,20 @@ def test_best_of_n_rows_record_their_origin_and_judge(shared, tiny_model_dir):
     assert made >= len(pairs) and metrics(workspace, record["run_id"])["strategy.best_of_n_pairs"] == made
 
 
+def test_repair_round_pairs_repaired_answers_with_their_originals(workspace, tiny_model_dir):
+    record, data = run_round(workspace, tiny_model_dir, "repair", strategy__name="repair")
+    assert record["quality"]["clean"]["strategy"] == "repair"
+    stats = record["quality"]["clean"]["stats"]
+    assert stats["repair_pairs"] >= 1
+    pairs = read_table(data / "pairs.parquet")
+    assert pairs["prompt_id"].is_unique
+    repaired = pairs[pairs["origin"] == "repair:pair"]
+    assert len(repaired) >= 1 and set(repaired["judge"]) == {"verifier"}
+    assert (repaired["chosen_score"] > repaired["rejected_score"]).all()
+    assert record["trained"]["method"] == "dpo" and record["trained"]["changed_parameters"] > 0
+    assert metrics(workspace, record["run_id"])["strategy.repair_pairs"] == stats["repair_pairs"]
+
+
 def test_self_refine_round_adds_critiques_and_rewrites(workspace, tiny_model_dir):
     record, data = run_round(workspace, tiny_model_dir, "self-refine", strategy__name="self_refine",
                              strategy__self_refine={"refinements": 2, "max_answers": 4, "critique_max_new_tokens": 12})

@@ -96,6 +96,22 @@ def test_lora_trains_and_saves_a_merged_model(tiny_model_dir, tmp_path):
     verify_model(output)
 
 
+def test_sft_weight_adds_the_chosen_answers_likelihood_to_the_dpo_loss(tiny_model_dir, tmp_path):
+    # On the first step the policy is its own reference, so plain DPO's loss is exactly log 2; the SFT term adds the
+    # chosen answers' negative log-likelihood (large for a random model), weighted.
+    one_step = {**FAST, "max_steps": 1}
+    plain = train(tiny_model_dir, DPO_ROWS, TrainingConfig(method="dpo", **one_step), tmp_path / "plain")
+    rpo = train(tiny_model_dir, DPO_ROWS, TrainingConfig(method="dpo", sft_weight=0.5, **one_step), tmp_path / "rpo")
+    assert plain.train_loss == pytest.approx(0.6931, abs=1e-3)
+    assert rpo.train_loss > plain.train_loss + 1.0
+    assert rpo.changed_parameters > 0
+
+
+def test_sft_weight_is_refused_without_dpo():
+    with pytest.raises(ValueError, match="sft_weight adds an SFT term to the DPO loss"):
+        TrainingConfig(method="sft", sft_weight=1.0)
+
+
 def test_no_rows_raise(tiny_model_dir, tmp_path):
     with pytest.raises(TrainingError, match="no training rows for method 'dpo'"):
         train(tiny_model_dir, [], TrainingConfig(method="dpo", **FAST), tmp_path / "none")

@@ -1,0 +1,201 @@
+"""Verifier-guided repair: mechanical fixes for the instruction types that have one, applied to failed answers.
+
+The programmatic counterpart of SPaR's minimal refinements. A fix changes only what its instruction governs (the
+case, the commas, a missing opening or closing phrase, an answer cut off mid-sentence), so the pair
+(repaired, original) differs in what the instruction cares about and little else: a clean DPO signal; a repaired
+answer that passes every check is also an SFT target. This is also how a small policy gets examples of the
+instructions it never meets on its own (asked for all capitals, SmolLM2-135M never answers in capitals, so
+rejection sampling alone has nothing to learn from).
+
+Types without a mechanical fix (word and keyword counts, bullets, JSON, ...) are left alone, and the verifier stays the
+judge: a repair is kept only when it satisfies more instructions than the original and breaks none the original met.
+Every fixer is a pure function ``(response, **args) -> response``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from flywheel.prompts import Prompt
+from flywheel.verifiers import Constraint, verify
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from flywheel.config import RepairConfig
+
+Fixer = Callable[..., str]
+
+# A sentence ends at ., ! or ? (optionally closed by a quote or bracket), or at the end of a line.
+_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*(?=\s|$)|\n")
+
+
+def trim_unfinished(response: str) -> str:
+    """The answer up to its last complete sentence (or line): what was cut off at the token limit is dropped.
+    An answer without any sentence end is returned as it is."""
+    text = response.rstrip()
+    ends = [match.end() for match in _SENTENCE_END.finditer(text)]
+    if not ends:
+        return text
+    return text[: ends[-1]].rstrip()
+
+
+def _join_sentence(text: str, addition: str) -> str:
+    text = text.rstrip()
+    if text and text[-1] not in ".!?\"'”’)]:":
+        text += "."
+    return f"{text} {addition}" if text else addition
+
+
+def _fix_forbidden_words(response: str, *, forbidden_words: list[str]) -> str:
+    for word in forbidden_words:
+        response = re.sub(rf"(?<![^\W_]){re.escape(word)}(?![^\W_])[ \t]?", "", response, flags=re.IGNORECASE)
+    return response
+
+
+def _fix_no_commas(response: str) -> str:
+    return response.replace("，", "").replace(",", "")
+
+
+def _fix_word_count_max(response: str, *, max_words: int) -> str:
+    # Whole sentences while they fit; a first sentence that alone is too long is cut at the word limit.
+    kept: list[str] = []
+    words = 0
+    for sentence in re.split(r"(?<=[.!?])\s+", response.strip()):
+        count = len(re.findall(r"[^\W_]+(?:['’-][^\W_]+)*", sentence))
+        if words + count > max_words:
+            break
+        kept.append(sentence)
+        words += count
+    if kept:
+        return " ".join(kept)
+    return " ".join(response.split()[:max_words])
+
+
+def _fix_start_with_phrase(response: str, *, phrase: str) -> str:
+    opening = phrase.strip()
+    return f"{opening}{'' if opening[-1] in '.!?:,' else '.'} {response.lstrip()}"
+
+
+def _fix_first_word(response: str, *, word: str) -> str:
+    text = response.lstrip()
+    return f"{word.strip()}, {text[:1].lower()}{text[1:]}" if text else word.strip()
+
+
+def _fix_end_with_phrase(response: str, *, phrase: str) -> str:
+    return _join_sentence(trim_unfinished(response), phrase.strip())
+
+
+def _fix_ends_with_question(response: str) -> str:
+    return _join_sentence(trim_unfinished(response), "Would you like to know more?")
+
+
+def _fix_postscript(response: str, *, marker: str) -> str:
+    return f"{trim_unfinished(response)}\n\n{marker} I hope this helps."
+
+
+def _fix_all_lowercase(response: str) -> str:
+    return response.lower()
+
+
+def _fix_all_uppercase(response: str) -> str:
+    return response.upper()
+
+
+def _fix_quotation_wrapped(response: str) -> str:
+    return f'"{response.strip()}"'
+
+
+# Applied in this order: edits inside the text first, then what is added at its start and end, then the case of the
+# whole (so added phrases are in the asked case too), and the quotation marks around everything last.
+FIXERS: dict[str, Fixer] = {
+    "forbidden_words": _fix_forbidden_words,
+    "no_commas": _fix_no_commas,
+    "word_count_max": _fix_word_count_max,
+    "start_with_phrase": _fix_start_with_phrase,
+    "first_word": _fix_first_word,
+    "postscript": _fix_postscript,
+    "end_with_phrase": _fix_end_with_phrase,
+    "ends_with_question": _fix_ends_with_question,
+    "all_lowercase": _fix_all_lowercase,
+    "all_uppercase": _fix_all_uppercase,
+    "quotation_wrapped": _fix_quotation_wrapped,
+}
+
+
+def repair(constraints: Sequence[Constraint], response: str, *, types: Sequence[str] | None = None,
+           trim: bool = True) -> str:
+    """``response`` with the fixes of every instruction it fails (of ``types``, default all with a fixer), applied
+    in ``FIXERS`` order. ``trim``: an answer that needs any fix is also cut back to its last complete sentence."""
+    allowed = set(FIXERS if types is None else types)
+    failing = [c for c in constraints if c.type in allowed and not c.check(response, strict=True)]
+    if not failing:
+        return response
+    repaired = trim_unfinished(response) if trim else response
+    by_type = {c.type: c for c in failing}
+    for name, fixer in FIXERS.items():
+        constraint = by_type.get(name)
+        if constraint is not None and not constraint.check(repaired, strict=True):
+            repaired = fixer(repaired, **constraint.args)
+    return repaired
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    pairs: Any  # DataFrame: REFINE_PAIR_COLUMNS, (repaired, original) per prompt
+    sft: Any  # DataFrame: REFINE_SFT_COLUMNS, repaired answers that pass every instruction
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *, strict: bool = True) -> RepairResult:
+    """Per prompt, the failed sample whose repair satisfies the most instructions (ties: the smaller edit, then the
+    earlier sample) gives one pair (repaired, original); every distinct repair that passes every check is an SFT row
+    (as every distinct accepted sample is in best-of-n).
+    ``samples``: the judged samples table (``flywheel.feedback.SAMPLE_COLUMNS``); rows without a verdict are left
+    out, as everywhere."""
+    import pandas as pd
+
+    from flywheel.refine import REFINE_PAIR_COLUMNS, REFINE_SFT_COLUMNS
+
+    by_id = {p.id: p for p in prompts}
+    usable = samples[(samples["verdict"] != "none") & (samples["score"] < 1.0)]
+    pairs, sft = [], []
+    attempted = improved = 0
+    for prompt_id, group in usable.groupby("prompt_id", sort=True):
+        prompt = by_id.get(prompt_id)
+        if prompt is None:
+            raise ValueError(f"judged samples name prompt {prompt_id!r}, which is not among the round's prompts")
+        best: tuple | None = None
+        accepted: set[str] = set()
+        for row in group.sort_values("sample_index").itertuples():
+            fixed = repair(prompt.constraints, row.response, types=settings.types, trim=settings.trim_unfinished)
+            if fixed.strip() == row.response.strip():
+                continue
+            attempted += 1
+            before = verify(prompt.constraints, row.response, strict=strict)
+            after = verify(prompt.constraints, fixed, strict=strict)
+            # A repair must not buy one instruction with another the answer already met.
+            if after.score <= before.score or any(b and not a for b, a in zip(before.checks, after.checks)):
+                continue
+            improved += 1
+            if after.passed and fixed.strip() not in accepted:
+                accepted.add(fixed.strip())
+                sft.append({"row_id": f"{prompt_id}-repair{row.sample_index}", "prompt_id": prompt_id,
+                            "prompt": row.prompt, "completion": fixed, "score": after.score,
+                            "origin": "repair:accepted", "judge": "verifier"})
+            key = (-after.score, abs(len(fixed) - len(row.response)), row.sample_index)
+            if best is None or key < best[0]:
+                best = (key, row, fixed, before, after)
+        if best is None:
+            continue
+        _, row, fixed, before, after = best
+        pairs.append({"row_id": f"{prompt_id}-repair-pair", "prompt_id": prompt_id, "prompt": row.prompt,
+                      "chosen": fixed, "rejected": row.response, "chosen_score": after.score,
+                      "rejected_score": before.score, "origin": "repair:pair", "judge": "verifier"})
+    stats = {"attempted": float(attempted), "improved": float(improved), "pairs": float(len(pairs)),
+             "passed": float(len(sft))}
+    return RepairResult(pairs=pd.DataFrame(pairs, columns=REFINE_PAIR_COLUMNS),
+                        sft=pd.DataFrame(sft, columns=REFINE_SFT_COLUMNS), stats=stats)

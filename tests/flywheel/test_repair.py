@@ -1,0 +1,148 @@
+"""Verifier-guided repair: each fixer makes its own check pass, fixes compose, and a repair that breaks an instruction
+the answer met, or gains nothing, makes no row."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from flywheel.config import FlywheelConfig, RepairConfig
+from flywheel.prompts import Constraint, Prompt
+from flywheel.repair import FIXERS, repair, repair_samples, trim_unfinished
+from flywheel.strategies import build_strategy_data
+from flywheel.verifiers import VERIFIERS, verify
+
+ANSWER = "Gardens are calm, and they are green. We walk there every day, very slowly. Then we go home and"
+
+FIXER_CASES = [
+    ("forbidden_words", {"forbidden_words": ["very", "just"]}),
+    ("no_commas", {}),
+    ("word_count_max", {"max_words": 10}),
+    ("start_with_phrase", {"phrase": "Hello there"}),
+    ("first_word", {"word": "Today"}),
+    ("postscript", {"marker": "P.S."}),
+    ("postscript", {"marker": "P.P.S."}),
+    ("end_with_phrase", {"phrase": "That is all."}),
+    ("ends_with_question", {}),
+    ("all_lowercase", {}),
+    ("all_uppercase", {}),
+    ("quotation_wrapped", {}),
+]
+
+
+def test_every_fixer_has_a_case_and_a_verifier():
+    assert {name for name, _ in FIXER_CASES} == set(FIXERS)
+    assert set(FIXERS) <= set(VERIFIERS)
+
+
+@pytest.mark.parametrize(("kind", "args"), FIXER_CASES)
+def test_each_fixer_makes_its_failing_check_pass(kind, args):
+    constraint = Constraint(type=kind, args=args)
+    assert not constraint.check(ANSWER)
+    fixed = repair([constraint], ANSWER)
+    assert constraint.check(fixed), fixed
+    assert "home and" not in fixed.lower()  # the answer was cut off mid-sentence: repaired answers end on a sentence
+
+
+def test_a_passing_answer_is_left_exactly_as_it_is():
+    constraint = Constraint(type="no_commas")
+    assert repair([constraint], "No commas here and cut off") == "No commas here and cut off"
+
+
+def test_types_without_a_fixer_and_types_left_out_are_not_touched():
+    keywords = Constraint(type="keywords_include", args={"keywords": ["water"]})
+    assert repair([keywords], ANSWER) == ANSWER
+    lowercase = Constraint(type="all_lowercase")
+    assert repair([lowercase], ANSWER, types=["no_commas"]) == ANSWER
+
+
+def test_fixes_compose_in_order_case_last_and_quotes_outermost():
+    constraints = [Constraint(type="all_uppercase"), Constraint(type="start_with_phrase", args={"phrase": "Of course"}),
+                   Constraint(type="no_commas")]
+    fixed = repair(constraints, ANSWER)
+    assert verify(constraints, fixed).passed, fixed
+    assert fixed.startswith("OF COURSE. GARDENS ARE CALM AND")
+    wrapped = repair([Constraint(type="all_lowercase"), Constraint(type="quotation_wrapped")], ANSWER)
+    assert wrapped.startswith('"gardens') and wrapped.endswith('slowly."')
+
+
+def test_trim_unfinished_keeps_complete_sentences_and_lines():
+    assert trim_unfinished("One. Two! Three and") == "One. Two!"
+    assert trim_unfinished("* a point\n* another poi") == "* a point"
+    assert trim_unfinished('He said "stop." Then') == 'He said "stop."'
+    assert trim_unfinished("no sentence end at all") == "no sentence end at all"
+
+
+def _prompt(pid, constraints):
+    return Prompt(id=pid, prompt=f"Write about {pid}.", constraints=constraints)
+
+
+def _samples(rows):
+    return pd.DataFrame([
+        {"row_id": f"{pid}-s{i}", "prompt_id": pid, "prompt": f"Write about {pid}.", "sample_index": i,
+         "response": text, "n_tokens": 5, "finished": True, "score": score, "passed": score == 1.0,
+         "checks": json.dumps({}), "judge": "verifier", "verdict": verdict, "critique": "", "llm_verdict": "",
+         "llm_critique": ""}
+        for pid, i, text, score, verdict in rows
+    ])
+
+
+def test_repair_samples_pairs_the_best_repair_with_its_own_original():
+    prompts = [
+        _prompt("lower", [Constraint(type="all_lowercase"), Constraint(type="no_commas")]),
+        # Adding the closing phrase would break the word limit the answer meets: no repair counts.
+        _prompt("limit", [Constraint(type="word_count_max", args={"max_words": 3}),
+                          Constraint(type="end_with_phrase", args={"phrase": "That is all and more."})]),
+        _prompt("none", [Constraint(type="keywords_include", args={"keywords": ["water"]})]),
+    ]
+    samples = _samples([
+        ("lower", 0, "Cats, dogs and Birds. More, More, more.", 0.0, "fail"),
+        ("lower", 1, "cats, dogs.", 0.5, "fail"),  # the smaller edit wins among equal repairs
+        ("limit", 0, "Short one.", 0.5, "fail"),
+        ("none", 0, "No keyword.", 0.0, "fail"),
+        ("none", 1, "Also none.", 0.0, "none"),  # no verdict: never used
+    ])
+    result = repair_samples(prompts, samples, RepairConfig())
+    assert list(result.pairs["prompt_id"]) == ["lower"]
+    pair = result.pairs.iloc[0]
+    assert (pair.chosen, pair.rejected) == ("cats dogs.", "cats, dogs.")
+    assert (pair.chosen_score, pair.rejected_score) == (1.0, 0.5)
+    assert (pair.origin, pair.judge) == ("repair:pair", "verifier")
+    # Every distinct repair that passes is an SFT row, not only the paired one.
+    assert list(result.sft["completion"]) == ["cats dogs and birds. more more more.", "cats dogs."]
+    assert set(result.sft["origin"]) == {"repair:accepted"}
+    assert result.stats == {"attempted": 3.0, "improved": 2.0, "pairs": 1.0, "passed": 2.0}
+
+
+def test_a_repair_that_improves_without_passing_makes_a_pair_but_no_sft_row():
+    prompts = [_prompt("p", [Constraint(type="no_commas"), Constraint(type="keywords_include",
+                                                                    args={"keywords": ["water"]})])]
+    result = repair_samples(prompts, _samples([("p", 0, "A, b.", 0.0, "fail")]), RepairConfig())
+    assert list(result.pairs["chosen"]) == ["A b."] and result.pairs.iloc[0].chosen_score == 0.5
+    assert result.sft.empty and {"completion", "origin", "judge"} <= set(result.sft.columns)
+
+
+def test_unknown_samples_prompt_is_an_error():
+    with pytest.raises(ValueError, match="not among the round's prompts"):
+        repair_samples([], _samples([("ghost", 0, "A, b.", 0.0, "fail")]), RepairConfig())
+
+
+def test_repair_strategy_replaces_the_best_of_n_pair_of_its_prompt(tmp_path):
+    config = FlywheelConfig.model_validate({"strategy": {"name": "repair"}})
+    prompts = [_prompt("a", [Constraint(type="all_lowercase")]), _prompt("b", [Constraint(type="all_lowercase")])]
+    samples = _samples([("a", 0, "Big Words.", 0.0, "fail"), ("a", 1, "small words.", 1.0, "pass"),
+                        ("b", 0, "Only Capitals.", 0.0, "fail"), ("b", 1, "Still Capitals.", 0.0, "fail")])
+    made = build_strategy_data(config, prompts, samples, champion_dir=tmp_path, base_dir=tmp_path, device="cpu")
+    assert dict(zip(made.pairs["prompt_id"], made.pairs["origin"])) == {"a": "repair:pair", "b": "repair:pair"}
+    assert set(made.sft["origin"]) == {"best_of_n:accepted", "repair:accepted"}
+    assert made.stats["repair_pairs"] == 2.0 and made.stats["best_of_n_pairs"] == 1.0
+
+
+def test_repair_config_is_checked():
+    with pytest.raises(ValueError, match="no repair for instruction type 'json_format'"):
+        RepairConfig(types=["json_format"])
+    with pytest.raises(ValueError, match="empty list"):
+        RepairConfig(types=[])
+    with pytest.raises(ValueError, match="needs 'verifier' in feedback.judges"):
+        FlywheelConfig.model_validate({"strategy": {"name": "repair"}, "feedback": {"judges": ["self"],
+                                                                                     "llm_scope": "all"}})

@@ -152,8 +152,9 @@ class RepairResult:
 
 def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *, strict: bool = True) -> RepairResult:
     """Per prompt, the failed sample whose repair satisfies the most instructions (ties: the smaller edit, then the
-    earlier sample) gives one pair (repaired, original); every distinct repair that passes every check is an SFT row
-    (as every distinct accepted sample is in best-of-n).
+    earlier sample) gives one pair (repaired, original), and an SFT row when the repair passes every check.
+    One row per prompt, not one per repaired sample: the samples of a prompt repair into near-copies, and
+    training on all of them over-weights those prompts (it scored worse on held-out prompts, bench/README.md).
     ``samples``: the judged samples table (``flywheel.feedback.SAMPLE_COLUMNS``); rows without a verdict are left
     out, as everywhere."""
     import pandas as pd
@@ -169,7 +170,6 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
         if prompt is None:
             raise ValueError(f"judged samples name prompt {prompt_id!r}, which is not among the round's prompts")
         best: tuple | None = None
-        accepted: set[str] = set()
         for row in group.sort_values("sample_index").itertuples():
             fixed = repair(prompt.constraints, row.response, types=settings.types, trim=settings.trim_unfinished)
             if fixed.strip() == row.response.strip():
@@ -181,11 +181,6 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
             if after.score <= before.score or any(b and not a for b, a in zip(before.checks, after.checks)):
                 continue
             improved += 1
-            if after.passed and fixed.strip() not in accepted:
-                accepted.add(fixed.strip())
-                sft.append({"row_id": f"{prompt_id}-repair{row.sample_index}", "prompt_id": prompt_id,
-                            "prompt": row.prompt, "completion": fixed, "score": after.score,
-                            "origin": "repair:accepted", "judge": "verifier"})
             key = (-after.score, abs(len(fixed) - len(row.response)), row.sample_index)
             if best is None or key < best[0]:
                 best = (key, row, fixed, before, after)
@@ -195,6 +190,10 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
         pairs.append({"row_id": f"{prompt_id}-repair-pair", "prompt_id": prompt_id, "prompt": row.prompt,
                       "chosen": fixed, "rejected": row.response, "chosen_score": after.score,
                       "rejected_score": before.score, "origin": "repair:pair", "judge": "verifier"})
+        if after.passed:
+            sft.append({"row_id": f"{prompt_id}-repair{row.sample_index}", "prompt_id": prompt_id,
+                        "prompt": row.prompt, "completion": fixed, "score": after.score,
+                        "origin": "repair:accepted", "judge": "verifier"})
     stats = {"attempted": float(attempted), "improved": float(improved), "pairs": float(len(pairs)),
              "passed": float(len(sft))}
     return RepairResult(pairs=pd.DataFrame(pairs, columns=REFINE_PAIR_COLUMNS),

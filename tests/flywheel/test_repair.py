@@ -108,10 +108,9 @@ def test_repair_samples_pairs_the_best_repair_with_its_own_original():
     assert (pair.chosen, pair.rejected) == ("cats dogs.", "cats, dogs.")
     assert (pair.chosen_score, pair.rejected_score) == (1.0, 0.5)
     assert (pair.origin, pair.judge) == ("repair:pair", "verifier")
-    # Every distinct repair that passes is an SFT row, not only the paired one.
-    assert list(result.sft["completion"]) == ["cats dogs and birds. more more more.", "cats dogs."]
-    assert set(result.sft["origin"]) == {"repair:accepted"}
-    assert result.stats == {"attempted": 3.0, "improved": 2.0, "pairs": 1.0, "passed": 2.0}
+    # One SFT row per prompt: the paired repair, not every sample's near-copy.
+    assert list(result.sft["completion"]) == ["cats dogs."] and list(result.sft["origin"]) == ["repair:accepted"]
+    assert result.stats == {"attempted": 3.0, "improved": 2.0, "pairs": 1.0, "passed": 1.0}
 
 
 def test_a_repair_that_improves_without_passing_makes_a_pair_but_no_sft_row():

@@ -1,0 +1,135 @@
+"""Training recipes compared on one round's data: which settings move the held-out accuracy, before paying for rounds.
+
+Takes a workspace where a round finished (e.g. the README's scratch round), rebuilds that round's training rows from
+its judged samples with a strategy (``--strategy``: best_of_n, repair; the round's own clean rows with ``round``),
+trains each variant from the round's champion and scores it on the round's held-out prompts exactly as the round's
+evaluate stage does (greedy, strict and loose) plus the general-text perplexity probe that guards promotion. The
+strategy's rows skip the quality gate here, so the figures are for comparing training settings, not a round.
+
+    .venv/bin/python bench/recipes.py --workspace /tmp/flywheel-scratch [--round 1] [--strategy repair]
+        [--recipe configs/default.yaml] --variant 'sft-1e-4={"method": "sft", "learning_rate": 1e-4}' ...
+
+A variant is NAME=JSON: ``training`` fields of the recipe to override (``lora`` as an object). Prints a table (with
+the champion's own scores as the first row), writes bench/out/recipes.json and logs the table to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, sep, spec = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--variant {text!r}: expected NAME=JSON")
+    try:
+        overrides = json.loads(spec)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--variant {name}: not JSON ({error})") from None
+    if not isinstance(overrides, dict):
+        raise SystemExit(f"--variant {name}: expected a JSON object of training fields")
+    return name, overrides
+
+
+def training_rows(config, strategy: str, record: dict, method: str) -> list[dict]:
+    import pandas as pd
+
+    from flywheel.prompts import load_prompts
+    from flywheel.strategies import build_strategy_data
+
+    table = "pairs" if method == "dpo" else "sft"
+    if strategy == "round":
+        return pd.read_parquet(record["quality"]["clean"][f"{table}_path"]).to_dict(orient="records")
+    prompts = load_prompts(Path(record["prompts"]["train_path"]))
+    samples = pd.read_parquet(record["judged"]["path"])
+    recipe = config.model_copy(update={"strategy": config.strategy.model_copy(update={"name": strategy})})
+    made = build_strategy_data(recipe, prompts, samples, champion_dir=Path("."), base_dir=ROOT, device="cpu")
+    return getattr(made, table).to_dict(orient="records")
+
+
+def score(config, model_dir: Path, split, state_dir: Path) -> dict:
+    from flywheel.evaluation import summarize
+    from flywheel.probe import perplexity
+    from flywheel.stages import _greedy_eval
+
+    scores = summarize(_greedy_eval(config, model_dir, split, None, state_dir))
+    return {"prompt_acc": scores.prompt_accuracy, "instr_acc": scores.constraint_accuracy,
+            "loose_instr_acc": scores.loose_constraint_accuracy, "truncated": scores.truncated_share,
+            "mean_tokens": scores.mean_tokens, "perplexity": perplexity(model_dir), "per_type": scores.per_type}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workspace", type=Path, required=True)
+    parser.add_argument("--round", type=int, default=1)
+    parser.add_argument("--strategy", choices=["round", "best_of_n", "repair"], default="repair")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "configs" / "default.yaml")
+    parser.add_argument("--variant", action="append", default=[], help="NAME=JSON training overrides (repeatable)")
+    args = parser.parse_args()
+    if not args.variant:
+        raise SystemExit("give at least one --variant NAME=JSON")
+    variants = dict(parse_variant(v) for v in args.variant)
+
+    from flywheel.config import TrainingConfig, load_config
+    from flywheel.stages import PromptSplit
+    from flywheel.training import train
+
+    config = load_config(args.recipe)
+    record_path = args.workspace / config.storage.state_dir / "rounds" / f"round-{args.round:04d}.json"
+    if not record_path.is_file():
+        raise SystemExit(f"no finished round {args.round} in {args.workspace} ({record_path} is missing)")
+    record = json.loads(record_path.read_text())
+    split = PromptSplit(**record["prompts"])
+    champion = Path(record["trained"]["path"]).parents[2] / f"v{record['parent_version']}"
+    if not champion.is_dir():
+        raise SystemExit(f"the round's champion folder {champion} is missing")
+    load = common.machine_load()
+    rows_out: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="flywheel-recipes-") as scratch:
+        state = Path(scratch) / "state"
+        rows_out.append({"variant": f"champion v{record['parent_version']}", "rows": None, "steps": None,
+                         "train_s": None, **score(config, champion, split, state)})
+        for name, overrides in variants.items():
+            training = TrainingConfig.model_validate({**config.training.model_dump(), **overrides,
+                                                      "checkpoint_steps": 0})
+            rows = training_rows(config, args.strategy, record, training.method)
+            started = time.perf_counter()
+            model_dir = Path(scratch) / name
+            trained = train(champion, rows, training, model_dir, seed=config.seed)
+            row = {"variant": name, "rows": len(rows), "steps": trained.steps,
+                   "train_s": time.perf_counter() - started, **score(config, model_dir, split, state)}
+            rows_out.append(row)
+            shutil.rmtree(model_dir)
+            print(f"{name}: instruction accuracy {row['instr_acc']:.3f}, perplexity {row['perplexity']:.2f}",
+                  flush=True)
+    base_ppl = rows_out[0]["perplexity"]
+    for row in rows_out:
+        row["ppl_increase"] = row["perplexity"] / base_ppl - 1
+    common.print_table(rows_out, [
+        ("variant", "variant", ""), ("rows", "rows", ""), ("steps", "steps", ""), ("train_s", "train s", ".0f"),
+        ("prompt_acc", "prompt acc", ".3f"), ("instr_acc", "instr acc", ".3f"),
+        ("loose_instr_acc", "loose instr", ".3f"), ("truncated", "truncated", ".2f"),
+        ("ppl_increase", "perplexity vs champion", "+.1%"),
+    ])
+    print(common.load_note(load))
+    data = {"workspace": str(args.workspace), "round": args.round, "strategy": args.strategy,
+            "variants": variants, "rows": rows_out, "load": load}
+    path = common.write_json("recipes", data)
+    common.log_to_mlflow("recipes", [{k: v for k, v in r.items() if k != "per_type"} for r in rows_out],
+                         {"workspace": args.workspace, "round": args.round, "strategy": args.strategy,
+                          "variants": json.dumps(variants, default=str)}, [path])
+
+
+if __name__ == "__main__":
+    main()

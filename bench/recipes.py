@@ -84,14 +84,18 @@ def main() -> None:
     from flywheel.config import TrainingConfig, load_config
     from flywheel.stages import PromptSplit
     from flywheel.training import train
+    from flywheel.workspace import Workspace
 
     config = load_config(args.recipe)
-    record_path = args.workspace / config.storage.state_dir / "rounds" / f"round-{args.round:04d}.json"
+    workspace = Workspace.from_config(config, args.workspace)
+    record_path = workspace.records / f"round-{args.round:04d}.json"
     if not record_path.is_file():
         raise SystemExit(f"no finished round {args.round} in {args.workspace} ({record_path} is missing)")
     record = json.loads(record_path.read_text())
     split = PromptSplit(**record["prompts"])
-    champion = Path(record["trained"]["path"]).parents[2] / f"v{record['parent_version']}"
+    # The round materialized its champion into the model store (flywheel.registry.materialize).
+    champion = workspace.models / config.model.registered_name / \
+        f"v{record['parent_version']}"
     if not champion.is_dir():
         raise SystemExit(f"the round's champion folder {champion} is missing")
     load = common.machine_load()

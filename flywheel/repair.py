@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flywheel.prompts import Prompt
-from flywheel.verifiers import Constraint, verify
+from flywheel.verifiers import Constraint, _words, verify
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,7 +65,7 @@ def _fix_word_count_max(response: str, *, max_words: int) -> str:
     kept: list[str] = []
     words = 0
     for sentence in re.split(r"(?<=[.!?])\s+", response.strip()):
-        count = len(re.findall(r"[^\W_]+(?:['’-][^\W_]+)*", sentence))
+        count = len(_words(sentence))  # counted as the word-limit check counts
         if words + count > max_words:
             break
         kept.append(sentence)

@@ -42,20 +42,20 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def training_rows(config, strategy: str, record: dict, method: str) -> list[dict]:
-    import pandas as pd
-
+def training_tables(config, strategy: str, record: dict) -> dict[str, list[dict]]:
+    """The round's rows for each method's table ("pairs" for DPO, "sft" otherwise), built once for all variants."""
+    from flywheel.dataset import read_table
     from flywheel.prompts import load_prompts
     from flywheel.strategies import build_strategy_data
 
-    table = "pairs" if method == "dpo" else "sft"
     if strategy == "round":
-        return pd.read_parquet(record["quality"]["clean"][f"{table}_path"]).to_dict(orient="records")
+        clean = record["quality"]["clean"]
+        return {table: read_table(Path(clean[f"{table}_path"])).to_dict(orient="records") for table in ("pairs", "sft")}
     prompts = load_prompts(Path(record["prompts"]["train_path"]))
-    samples = pd.read_parquet(record["judged"]["path"])
+    samples = read_table(Path(record["judged"]["path"]))
     recipe = config.model_copy(update={"strategy": config.strategy.model_copy(update={"name": strategy})})
     made = build_strategy_data(recipe, prompts, samples, champion_dir=Path("."), base_dir=ROOT, device="cpu")
-    return getattr(made, table).to_dict(orient="records")
+    return {"pairs": made.pairs.to_dict(orient="records"), "sft": made.sft.to_dict(orient="records")}
 
 
 def score(config, model_dir: Path, split, state_dir: Path) -> dict:
@@ -98,6 +98,7 @@ def main() -> None:
         f"v{record['parent_version']}"
     if not champion.is_dir():
         raise SystemExit(f"the round's champion folder {champion} is missing")
+    tables = training_tables(config, args.strategy, record)
     load = common.machine_load()
     rows_out: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="flywheel-recipes-") as scratch:
@@ -107,7 +108,7 @@ def main() -> None:
         for name, overrides in variants.items():
             training = TrainingConfig.model_validate({**config.training.model_dump(), **overrides,
                                                       "checkpoint_steps": 0})
-            rows = training_rows(config, args.strategy, record, training.method)
+            rows = tables["pairs" if training.method == "dpo" else "sft"]
             started = time.perf_counter()
             model_dir = Path(scratch) / name
             trained = train(champion, rows, training, model_dir, seed=config.seed)

@@ -248,6 +248,12 @@ class TrainingConfig(Section):
         0.0, ge=0, description="DPO only: weight of an SFT (negative log-likelihood) term on the chosen answers added "
                                "to the preference loss (RPO); it keeps the chosen answers likely instead of only "
                                "apart from the rejected ones. 0: plain DPO.")
+    kl_weight: float = Field(
+        0.0, ge=0, description="SFT only: weight of a KL(reference || policy) term over the answer tokens, the "
+                               "reference being the model training starts from. Training on the model's own "
+                               "samples sharpens it onto them (general-text perplexity rises round after round); "
+                               "the term keeps its distribution wherever the targets do not pull it. Costs one "
+                               "more forward pass per step. 0: plain SFT.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on a capable GPU, else fp32. bf16 (mixed precision) on a CPU needs native "
@@ -273,6 +279,9 @@ class TrainingConfig(Section):
         if self.sft_weight > 0 and self.method != "dpo":
             raise ValueError(f"sft_weight adds an SFT term to the DPO loss; method {self.method!r} has none to add "
                              "it to (set it to 0)")
+        if self.kl_weight > 0 and self.method != "sft":
+            raise ValueError(f"kl_weight anchors SFT to its starting model; method {self.method!r} does not take it "
+                             "(DPO is anchored by its own reference: set it to 0)")
         if self.processes > 1 and self.method == "grpo":
             raise ValueError("processes > 1 is not supported with method 'grpo' yet (its reward settings do not "
                              "travel to the launched processes)")

@@ -238,8 +238,15 @@ def _make_trainer(config: TrainingConfig, model, tokenizer, rows: list[dict], co
                               callbacks=callbacks)
         from trl import SFTConfig, SFTTrainer
 
-        return SFTTrainer(model=model, args=SFTConfig(output_dir=output_dir, **common), train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+        trainer_class, anchor = SFTTrainer, {}
+        if config.kl_weight > 0:
+            import copy
+
+            # The reference is the model before any update (and before peft wraps it): a frozen copy.
+            trainer_class = _anchored_sft_trainer()
+            anchor = dict(reference_model=copy.deepcopy(model), kl_weight=config.kl_weight)
+        return trainer_class(model=model, args=SFTConfig(output_dir=output_dir, **common), train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks, **anchor)
     if config.method == "sami":
         from flywheel.sami import make_sami_trainer
 
@@ -249,6 +256,47 @@ def _make_trainer(config: TrainingConfig, model, tokenizer, rows: list[dict], co
 
         return make_grpo_trainer(model, tokenizer, rows, common, peft_config, callbacks, output_dir, **method_options)
     raise TrainingError(f"unknown training method {config.method!r}")
+
+
+def _anchored_sft_trainer():
+    """TRL's SFTTrainer with a KL(reference || policy) term added to the answer tokens' negative log-likelihood.
+
+    Fine-tuning on a model's own (edited) samples pulls every next-token distribution towards the sampled token, so
+    the model grows more certain of its habits round after round; the forward KL to the frozen starting model charges
+    for every bit of probability moved off what the reference would also say, and costs nothing where the targets
+    and the reference agree. Same token normalization as TRL's SFT loss, so ``kl_weight=0`` reduces to it."""
+    import torch
+    from trl import SFTTrainer
+
+    class AnchoredSFTTrainer(SFTTrainer):
+        def __init__(self, *args, reference_model, kl_weight: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.reference_model = reference_model.to(self.args.device).eval().requires_grad_(False)
+            self.kl_weight = kl_weight
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            forward = {key: value for key, value in inputs.items() if key != "labels"}
+            forward["use_cache"] = False
+            outputs = model(**forward)
+            with torch.no_grad():
+                reference = self.reference_model(**forward).logits[:, :-1].float().log_softmax(-1)
+            log_probs = outputs.logits[:, :-1].float().log_softmax(-1)
+            targets = inputs["labels"][:, 1:]
+            mask = targets != -100
+            nll = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            kl = (reference.exp() * (reference - log_probs)).sum(-1)
+            count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            count = torch.as_tensor(count, device=mask.device).clamp(min=1)
+            loss = ((nll + self.kl_weight * kl) * mask).sum() / count
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as TRL's SFT loss: DDP averages the gradients
+            mode = "train" if model.training else "eval"
+            tokens = mask.sum().clamp(min=1)
+            self._metrics[mode]["nll"].append(((nll * mask).sum() / tokens).item())
+            self._metrics[mode]["kl"].append(((kl * mask).sum() / tokens).item())
+            return (loss, outputs) if return_outputs else loss
+
+    return AnchoredSFTTrainer
 
 
 def _conversational(row: dict, method: str) -> dict:

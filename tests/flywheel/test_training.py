@@ -112,6 +112,62 @@ def test_sft_weight_is_refused_without_dpo():
         TrainingConfig(method="sft", sft_weight=1.0)
 
 
+def test_kl_weight_adds_nothing_while_the_model_is_its_own_reference(tiny_model_dir, tmp_path):
+    # Step 1 starts from the reference, so the KL term is zero and the loss is TRL's own SFT loss on the same batch:
+    # the anchored loss is normalized exactly as the plain one.
+    one_step = {**FAST, "max_steps": 1}
+    plain = train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", **one_step), tmp_path / "plain")
+    anchored = train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", kl_weight=2.0, **one_step),
+                     tmp_path / "anchored")
+    assert anchored.train_loss == pytest.approx(plain.train_loss, rel=1e-4)
+    assert anchored.changed_parameters > 0
+
+
+def _kl_from(start_dir: Path, trained_dir: Path, rows: list[dict]) -> float:
+    """Mean KL(start || trained) over the next-token distributions of the rows' answers, in the chat form trained
+    on (the positions the SFT loss and the KL term cover)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(start_dir)
+    start, trained = (AutoModelForCausalLM.from_pretrained(d).eval() for d in (start_dir, trained_dir))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            chat = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+            ids = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)["input_ids"]
+            prompt = tokenizer.apply_chat_template(chat[:1], add_generation_prompt=True, return_dict=True)["input_ids"]
+            answer = slice(len(prompt) - 1, ids.shape[1] - 1)  # the positions that predict the answer's tokens
+            p, q = (m(ids).logits[0, answer].log_softmax(-1) for m in (start, trained))
+            total += (p.exp() * (p - q)).sum(-1).sum().item()
+            count += p.shape[0]
+    return total / count
+
+
+def test_kl_weight_keeps_the_trained_model_closer_to_where_it_started(tiny_model_dir, tmp_path):
+    steps = {**FAST, "max_steps": 20, "learning_rate": 1e-2}
+    plain = train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", **steps), tmp_path / "plain")
+    anchored = train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", kl_weight=50.0, **steps),
+                     tmp_path / "anchored")
+    assert anchored.changed_parameters > 0
+    drift_plain = _kl_from(tiny_model_dir, Path(plain.path), SFT_ROWS)
+    drift_anchored = _kl_from(tiny_model_dir, Path(anchored.path), SFT_ROWS)
+    assert drift_plain > 0
+    assert drift_anchored < 0.5 * drift_plain, (drift_anchored, drift_plain)
+
+
+def test_kl_weight_with_lora_trains_against_the_model_before_its_adapters(tiny_model_dir, tmp_path):
+    config = TrainingConfig(method="sft", kl_weight=1.0, lora={"enabled": True}, **{**FAST, "max_steps": 3})
+    trained = train(tiny_model_dir, SFT_ROWS, config, tmp_path / "lora")
+    assert trained.changed_parameters > 0
+    assert _kl_from(tiny_model_dir, Path(trained.path), SFT_ROWS) > 0
+
+
+def test_kl_weight_is_refused_without_sft():
+    with pytest.raises(ValueError, match="kl_weight anchors SFT"):
+        TrainingConfig(method="dpo", kl_weight=1.0)
+
+
 def test_no_rows_raise(tiny_model_dir, tmp_path):
     with pytest.raises(TrainingError, match="no training rows for method 'dpo'"):
         train(tiny_model_dir, [], TrainingConfig(method="dpo", **FAST), tmp_path / "none")

@@ -249,11 +249,15 @@ class TrainingConfig(Section):
                                "to the preference loss (RPO); it keeps the chosen answers likely instead of only "
                                "apart from the rejected ones. 0: plain DPO.")
     kl_weight: float = Field(
-        0.0, ge=0, description="SFT only: weight of a KL(reference || policy) term over the answer tokens, the "
-                               "reference being the model training starts from. Training on the model's own "
-                               "samples sharpens it onto them (general-text perplexity rises round after round); "
-                               "the term keeps its distribution wherever the targets do not pull it. Costs one "
-                               "more forward pass per step. 0: plain SFT.")
+        0.0, ge=0, description="SFT only: weight of a KL(reference || policy) term, the reference being the model "
+                               "training starts from. Training on the model's own samples sharpens it onto them "
+                               "(general-text perplexity rises round after round); the term holds its language "
+                               "modelling in place. Costs one more forward pass per step. 0: plain SFT.")
+    kl_tokens: Literal["prompt", "answer"] = Field(
+        "prompt", description="Where the KL term applies. prompt: the request tokens, which SFT does not train on: "
+                              "an anchor of ordinary text that leaves the answers free to change; answer: the answer "
+                              "tokens, against the very change the targets ask for (bench/README.md measured it "
+                              "cancelling the gain).")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on a capable GPU, else fp32. bf16 (mixed precision) on a CPU needs native "

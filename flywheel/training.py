@@ -244,7 +244,8 @@ def _make_trainer(config: TrainingConfig, model, tokenizer, rows: list[dict], co
 
             # The reference is the model before any update (and before peft wraps it): a frozen copy.
             trainer_class = _anchored_sft_trainer()
-            anchor = dict(reference_model=copy.deepcopy(model), kl_weight=config.kl_weight)
+            anchor = dict(reference_model=copy.deepcopy(model), kl_weight=config.kl_weight,
+                          kl_tokens=config.kl_tokens)
         return trainer_class(model=model, args=SFTConfig(output_dir=output_dir, **common), train_dataset=dataset,
                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks, **anchor)
     if config.method == "sami":
@@ -262,17 +263,20 @@ def _anchored_sft_trainer():
     """TRL's SFTTrainer with a KL(reference || policy) term added to the answer tokens' negative log-likelihood.
 
     Fine-tuning on a model's own (edited) samples pulls every next-token distribution towards the sampled token, so
-    the model grows more certain of its habits round after round; the forward KL to the frozen starting model charges
-    for every bit of probability moved off what the reference would also say, and costs nothing where the targets
-    and the reference agree. Same token normalization as TRL's SFT loss, so ``kl_weight=0`` reduces to it."""
+    the model grows more certain of its habits round after round. The forward KL to the frozen starting model
+    charges for probability moved off what the reference says: on the request tokens (``kl_tokens="prompt"``, text
+    the SFT loss ignores) it anchors ordinary language modelling while the answers move freely; on the answer tokens
+    it resists the targets themselves. The NLL is normalized as TRL's SFT loss; the KL is a mean over its tokens,
+    spread over gradient accumulation like TRL's auxiliary losses, so ``kl_weight=0`` reduces to TRL's loss."""
     import torch
     from trl import SFTTrainer
 
     class AnchoredSFTTrainer(SFTTrainer):
-        def __init__(self, *args, reference_model, kl_weight: float, **kwargs):
+        def __init__(self, *args, reference_model, kl_weight: float, kl_tokens: str, **kwargs):
             super().__init__(*args, **kwargs)
             self.reference_model = reference_model.to(self.args.device).eval().requires_grad_(False)
             self.kl_weight = kl_weight
+            self.kl_tokens = kl_tokens
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             forward = {key: value for key, value in inputs.items() if key != "labels"}
@@ -282,18 +286,24 @@ def _anchored_sft_trainer():
                 reference = self.reference_model(**forward).logits[:, :-1].float().log_softmax(-1)
             log_probs = outputs.logits[:, :-1].float().log_softmax(-1)
             targets = inputs["labels"][:, 1:]
-            mask = targets != -100
+            answer = targets != -100
+            if self.kl_tokens == "answer":
+                anchored = answer
+            else:  # every real request token: not trained on, not padding (no mask: padding-free rows)
+                real = inputs["attention_mask"][:, 1:].bool() if "attention_mask" in inputs else torch.ones_like(answer)
+                anchored = real & ~answer
             nll = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             kl = (reference.exp() * (reference - log_probs)).sum(-1)
-            count = mask.sum() if num_items_in_batch is None else num_items_in_batch
-            count = torch.as_tensor(count, device=mask.device).clamp(min=1)
-            loss = ((nll + self.kl_weight * kl) * mask).sum() / count
+            count = answer.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = (nll * answer).sum() / torch.as_tensor(count, device=answer.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as TRL's SFT loss: DDP averages the gradients
+            kl_mean = (kl * anchored).sum() / anchored.sum().clamp(min=1)
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.kl_weight * kl_mean / steps
             mode = "train" if model.training else "eval"
-            tokens = mask.sum().clamp(min=1)
-            self._metrics[mode]["nll"].append(((nll * mask).sum() / tokens).item())
-            self._metrics[mode]["kl"].append(((kl * mask).sum() / tokens).item())
+            self._metrics[mode]["nll"].append(((nll * answer).sum() / answer.sum().clamp(min=1)).item())
+            self._metrics[mode]["kl"].append(kl_mean.item())
             return (loss, outputs) if return_outputs else loss
 
     return AnchoredSFTTrainer

@@ -112,20 +112,21 @@ def test_sft_weight_is_refused_without_dpo():
         TrainingConfig(method="sft", sft_weight=1.0)
 
 
-def test_kl_weight_adds_nothing_while_the_model_is_its_own_reference(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("kl_tokens", ["prompt", "answer"])
+def test_kl_weight_adds_nothing_while_the_model_is_its_own_reference(tiny_model_dir, tmp_path, kl_tokens):
     # Step 1 starts from the reference, so the KL term is zero and the loss is TRL's own SFT loss on the same batch:
     # the anchored loss is normalized exactly as the plain one.
     one_step = {**FAST, "max_steps": 1}
     plain = train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", **one_step), tmp_path / "plain")
-    anchored = train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", kl_weight=2.0, **one_step),
-                     tmp_path / "anchored")
+    anchored = train(tiny_model_dir, SFT_ROWS,
+                     TrainingConfig(method="sft", kl_weight=2.0, kl_tokens=kl_tokens, **one_step), tmp_path / "kl")
     assert anchored.train_loss == pytest.approx(plain.train_loss, rel=1e-4)
     assert anchored.changed_parameters > 0
 
 
-def _kl_from(start_dir: Path, trained_dir: Path, rows: list[dict]) -> float:
-    """Mean KL(start || trained) over the next-token distributions of the rows' answers, in the chat form trained
-    on (the positions the SFT loss and the KL term cover)."""
+def _kl_from(start_dir: Path, trained_dir: Path, rows: list[dict], part: str) -> float:
+    """Mean KL(start || trained) over the next-token distributions of the rows in the chat form trained on: at the
+    positions that predict the answer's tokens (``part="answer"``), or the request's (``"prompt"``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,21 +138,22 @@ def _kl_from(start_dir: Path, trained_dir: Path, rows: list[dict]) -> float:
             chat = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
             ids = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)["input_ids"]
             prompt = tokenizer.apply_chat_template(chat[:1], add_generation_prompt=True, return_dict=True)["input_ids"]
-            answer = slice(len(prompt) - 1, ids.shape[1] - 1)  # the positions that predict the answer's tokens
-            p, q = (m(ids).logits[0, answer].log_softmax(-1) for m in (start, trained))
+            positions = slice(len(prompt) - 1, ids.shape[1] - 1) if part == "answer" else slice(0, len(prompt) - 1)
+            p, q = (m(ids).logits[0, positions].log_softmax(-1) for m in (start, trained))
             total += (p.exp() * (p - q)).sum(-1).sum().item()
             count += p.shape[0]
     return total / count
 
 
-def test_kl_weight_keeps_the_trained_model_closer_to_where_it_started(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("kl_tokens", ["prompt", "answer"])
+def test_kl_weight_keeps_the_anchored_tokens_where_they_started(tiny_model_dir, tmp_path, kl_tokens):
     steps = {**FAST, "max_steps": 20, "learning_rate": 1e-2}
     plain = train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", **steps), tmp_path / "plain")
-    anchored = train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", kl_weight=50.0, **steps),
-                     tmp_path / "anchored")
+    anchored = train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", kl_weight=50.0, kl_tokens=kl_tokens,
+                                                              **steps), tmp_path / "anchored")
     assert anchored.changed_parameters > 0
-    drift_plain = _kl_from(tiny_model_dir, Path(plain.path), SFT_ROWS)
-    drift_anchored = _kl_from(tiny_model_dir, Path(anchored.path), SFT_ROWS)
+    drift_plain = _kl_from(tiny_model_dir, Path(plain.path), SFT_ROWS, kl_tokens)
+    drift_anchored = _kl_from(tiny_model_dir, Path(anchored.path), SFT_ROWS, kl_tokens)
     assert drift_plain > 0
     assert drift_anchored < 0.5 * drift_plain, (drift_anchored, drift_plain)
 
@@ -160,7 +162,7 @@ def test_kl_weight_with_lora_trains_against_the_model_before_its_adapters(tiny_m
     config = TrainingConfig(method="sft", kl_weight=1.0, lora={"enabled": True}, **{**FAST, "max_steps": 3})
     trained = train(tiny_model_dir, SFT_ROWS, config, tmp_path / "lora")
     assert trained.changed_parameters > 0
-    assert _kl_from(tiny_model_dir, Path(trained.path), SFT_ROWS) > 0
+    assert _kl_from(tiny_model_dir, Path(trained.path), SFT_ROWS, "answer") > 0
 
 
 def test_kl_weight_is_refused_without_sft():

@@ -10,7 +10,9 @@ processes, prompt and answer: model FLOPs utilization, attention still left out)
 With ``--samples K`` each batch of B rows answers B / K prompts K times with the round's sampling (temperature,
 top_p 0.95, seed 0), the workload of a round's generate stage; ``transformers`` then pre-fills each prompt once for
 its K samples and ``transformers-plain`` pre-fills every row (plain ``model.generate``): the identity check compares
-each engine's answers with ``transformers-plain``'s.
+each engine's answers with ``transformers-plain``'s. Both draw with the engine's ``NucleusSampler``;
+``transformers-warpers`` draws with transformers' own top-p warper and multinomial instead (the engine before the
+sampler): the same distribution, other draws, so its identity count is expected to be near 0.
 Prints a Markdown table; writes bench/out/generation.json and bench/out/generation.png;
 logs them to MLflow (see bench/common.py).
 
@@ -35,6 +37,7 @@ import common  # noqa: E402
 ENGINES = {
     "transformers": ("transformers", "float32"),
     "transformers-plain": ("transformers", "float32"),
+    "transformers-warpers": ("transformers", "float32"),  # transformers' top-p sort and multinomial
     "transformers-bf16": ("transformers", "bfloat16"),  # generation.precision: bf16 (CPUs with native bf16)
     "ctranslate2": ("ctranslate2", "float32"),
     "ctranslate2-int8": ("ctranslate2", "int8"),
@@ -49,6 +52,7 @@ def build(engine: str, model_dir: Path, batch_size: int, threads: int):
         built = make_engine(name, model_dir, "cpu", batch_size,
                             precision="bf16" if compute_type == "bfloat16" else "fp32")
         built.share_prompts = engine != "transformers-plain"
+        built.fast_sampling = engine != "transformers-warpers"
         return built
     built = make_engine(name, model_dir, "cpu", batch_size, compute_type=compute_type, threads=threads,
                         cache_dir=common.OUT / "ctranslate2")

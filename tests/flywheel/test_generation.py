@@ -207,3 +207,79 @@ def test_precision_is_the_transformers_engines():
     assert parse_config({"generation": {"precision": "bf16"}}).generation.precision == "bf16"
     with pytest.raises(ConfigError, match="precision 'bf16' is the transformers engine's"):
         parse_config({"generation": {"engine": "ctranslate2", "precision": "bf16"}})
+
+
+def _warped(scores, temperature, top_p):
+    import torch
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    warped = TemperatureLogitsWarper(temperature)(None, scores.clone())
+    if top_p < 1.0:
+        warped = TopPLogitsWarper(top_p)(None, warped)
+    return torch.softmax(warped, dim=-1)
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(0.8, 0.95), (1.0, 0.5), (1.0, 1.0), (0.7, 0.99)])
+def test_nucleus_is_the_distribution_of_transformers_warpers(temperature, top_p):
+    import torch
+
+    from flywheel.generation import nucleus_distribution
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(8, 3000, generator=generator)
+    scores[:4] *= 15  # peaked rows (nucleus within the candidates) next to near-flat ones (sorted in full)
+    expected = _warped(scores, temperature, top_p)
+    got = nucleus_distribution(scores, temperature, top_p, candidates=64)
+    assert torch.equal(got > 0, expected > 0)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_nucleus_sorts_only_the_rows_whose_candidates_miss_the_mass():
+    import torch
+
+    from flywheel.generation import nucleus
+
+    scores = torch.zeros(3, 1000)
+    scores[0, 7] = 30.0  # one token holds nearly all the mass
+    scores[2, :5] = 30.0  # five do
+    groups = nucleus(scores, 1.0, 0.9, candidates=16)
+    assert [g[0].tolist() for g in groups] == [[0, 2], [1]]
+    assert groups[0][1].shape == (2, 16) and groups[1][1].shape == (1, 1000)
+    kept = [(weights > 0).sum(-1).tolist() for _, _, weights in groups]
+    assert kept == [[1, 5], [900]]  # the flat row keeps 90% of its 1000 equal tokens
+
+
+def test_nucleus_sampler_draws_from_the_nucleus_in_proportion():
+    import torch
+
+    from flywheel.generation import NucleusSampler
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))  # top_p 0.9 keeps the first three
+    torch.manual_seed(0)
+    out = NucleusSampler(1.0, 0.9)(None, logits.repeat(20000, 1))
+    assert torch.isinf(out).sum(-1).eq(3).all() and (out.max(-1).values == 0).all()  # one token left per row
+    counts = torch.bincount(out.argmax(-1), minlength=4).float() / 20000
+    assert counts[3] == 0
+    assert torch.allclose(counts[:3], torch.tensor([0.5, 0.3, 0.15]) / 0.95, atol=0.015)
+
+
+def test_nucleus_sampler_refuses_greedy():
+    from flywheel.generation import NucleusSampler
+
+    with pytest.raises(ValueError, match="temperature above 0"):
+        NucleusSampler(0.0, 0.9)
+
+
+def test_fast_sampling_and_transformers_sampling_are_both_reproducible(engine, requests_):
+    params = SAMPLED.model_copy(update={"temperature": 0.8, "top_p": 0.9})
+    fast = engine.generate(requests_[:4], 3, params)
+    engine.fast_sampling = False
+    try:
+        warpers = engine.generate(requests_[:4], 3, params)
+        warpers_again = engine.generate(requests_[:4], 3, params)
+    finally:
+        engine.fast_sampling = True
+    assert _texts(fast) == _texts(engine.generate(requests_[:4], 3, params))
+    assert _texts(warpers) == _texts(warpers_again)
+    assert len(set(_texts(fast))) > 3 and len(set(_texts(warpers))) > 3
+    assert all(c.n_tokens <= MAX_NEW for c in fast)

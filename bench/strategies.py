@@ -82,7 +82,20 @@ def round_row(strategy: str, number: int, workspace: Path, seconds: float) -> di
         "agreement": record["judged"].get("agreement"), "pass_rate": record["judged"]["pass_rate"],
         "pairs": clean["pairs"], "sft": clean["sft"], "quarantined": record["quality"]["quarantined"],
         "train_steps": (record.get("trained") or {}).get("steps"),
+        "generate_s": (record.get("generations") or {}).get("seconds"),
+        "train_s": (record.get("trained") or {}).get("seconds"),
+        "perplexity": evaluation.get("candidate_perplexity"),
+        "perplexity_vs_champion": _relative(evaluation.get("candidate_perplexity"),
+                                            evaluation.get("champion_perplexity")),
+        # What the flywheel serves after this round: the candidate if promoted, else the champion it was measured
+        # against (the target is about this model, not the last candidate).
+        "served_instr_acc": candidate["constraint_accuracy"] if promotion.get("promoted")
+        else champion["constraint_accuracy"],
     }
+
+
+def _relative(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or not reference else value / reference - 1.0
 
 
 def main() -> None:
@@ -127,9 +140,11 @@ def main() -> None:
         ("strategy", "strategy", ""), ("round", "round", "d"), ("prompt_acc", "prompt acc", ".3f"),
         ("instr_acc", "instr acc", ".3f"), ("loose_instr_acc", "instr acc (loose)", ".3f"),
         ("instr_gain_vs_base", "instr vs base", "+.3f"), ("win_rate", "win rate", ".3f"),
-        ("promoted", "promoted", ""), ("agreement", "judge agreement", ".3f"), ("pass_rate", "sample pass", ".3f"),
+        ("promoted", "promoted", ""), ("served_instr_acc", "champion instr acc", ".3f"),
+        ("perplexity", "probe ppl", ".2f"), ("perplexity_vs_champion", "ppl vs champion", "+.1%"),
+        ("agreement", "judge agreement", ".3f"), ("pass_rate", "sample pass", ".3f"),
         ("pairs", "pairs", "d"), ("sft", "sft rows", "d"), ("quarantined", "quarantined", "d"),
-        ("seconds", "wall s", ".0f"),
+        ("generate_s", "generate s", ".0f"), ("train_s", "train s", ".0f"), ("seconds", "wall s", ".0f"),
     ])
     print(f"\nbase model: prompt acc {base.get('prompt_acc', float('nan')):.3f}, "
           f"instruction acc {base.get('instr_acc', float('nan')):.3f} (strict)")
@@ -158,9 +173,18 @@ def plot_rows(rows: list[dict], base: dict) -> Path:
                            ("prompt_acc", axes[1], "prompt-level accuracy (strict)")):
         for strategy in dict.fromkeys(r["strategy"] for r in rows):
             mine = [r for r in rows if r["strategy"] == strategy]
-            ax.plot([0] + [r["round"] for r in mine], [base.get(key, 0.0)] + [r[key] for r in mine], marker="o",
-                    label=strategy)
-        ax.set_xlabel("round (0: base)")
+            (line,) = ax.plot([0] + [r["round"] for r in mine], [base.get(key, 0.0)] + [r[key] for r in mine],
+                              marker="o", label=strategy)
+            # A candidate the gate refused is drawn hollow: the next round trains from the older champion.
+            refused = [r for r in mine if not r.get("promoted")]
+            ax.plot([r["round"] for r in refused], [r[key] for r in refused], linestyle="none", marker="o",
+                    markersize=9, markerfacecolor="white", markeredgecolor=line.get_color())
+        if key == "instr_acc" and "instr_acc" in base:
+            ax.axhline(base["instr_acc"] + 0.10, color="grey", linestyle="--", linewidth=1)
+            ax.annotate("base + 10 points", (0, base["instr_acc"] + 0.10), textcoords="offset points",
+                        xytext=(2, 3), fontsize=8, color="grey")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("round (0: base; hollow: not promoted)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()

@@ -155,19 +155,25 @@ def sign_test_p(lost: int, gained: int) -> float:
 def promotion_verdict(evaluation: Evaluation, human_approved: bool, *, min_gain: float,
                       max_type_regression: float | None, max_perplexity_increase: float | None,
                       require_human_approval: bool, min_type_support: int = 0,
-                      type_regression_alpha: float | None = None) -> tuple[bool, list[str]]:
+                      type_regression_alpha: float | None = None,
+                      gain_metric: str = "prompt") -> tuple[bool, list[str]]:
     """Whether a candidate meets the promotion policy, with every reason it does or does not.
 
     With ``type_regression_alpha``, a type's drop beyond ``max_type_regression`` refuses the candidate only when
     it is also significant: the one-sided sign test on the type's flipped instructions (lost against gained) gives
     p < alpha. A type without flip counts (an old record) is judged by the threshold alone."""
     reasons, ok = [], True
-    gain = evaluation.accuracy_gain
+    if gain_metric == "prompt":
+        gain = evaluation.accuracy_gain
+    elif gain_metric == "instruction":
+        gain = evaluation.candidate.constraint_accuracy - evaluation.champion.constraint_accuracy
+    else:
+        raise ValueError(f"unknown gain_metric {gain_metric!r} (prompt or instruction)")
     if gain > min_gain:
-        reasons.append(f"accuracy gain {gain:+.3f} > min_gain {min_gain}")
+        reasons.append(f"{gain_metric} accuracy gain {gain:+.3f} > min_gain {min_gain}")
     else:
         ok = False
-        reasons.append(f"accuracy gain {gain:+.3f} <= min_gain {min_gain}")
+        reasons.append(f"{gain_metric} accuracy gain {gain:+.3f} <= min_gain {min_gain}")
     if max_type_regression is not None:
         champion = evaluation.champion.per_type
         # Both models answered the same prompts, so the champion's counts are the candidate's. A record without

@@ -1122,7 +1122,7 @@ def decide_promotion(config: FlywheelConfig, workspace: Workspace, registration:
         evaluation, decision.approved and decision.mode == "human", min_gain=policy.min_gain,
         max_type_regression=policy.max_type_regression, max_perplexity_increase=policy.max_perplexity_increase,
         require_human_approval=policy.require_human_approval, min_type_support=policy.min_type_support,
-        type_regression_alpha=policy.type_regression_alpha,
+        type_regression_alpha=policy.type_regression_alpha, gain_metric=policy.gain_metric,
     )
     summary = "; ".join(reasons)
     if policy.mode == "manual":

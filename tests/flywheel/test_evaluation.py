@@ -202,3 +202,28 @@ def test_promotion_verdict_with_a_significance_test(flips, promoted, reason):
     # A drop within the threshold is never tested.
     small = _with_flips(_evaluation(0.6, 0.4, {"a": 0.9, "b": 0.45}, {"a": 0.4, "b": 0.5}), flips)
     assert promotion_verdict(small, False, **POLICY, type_regression_alpha=0.05)[0]
+
+
+@pytest.mark.parametrize(("gain_metric", "promoted", "reason"), [
+    # Prompt level rose 0.1 while instruction level fell 0.05: the metric chosen decides.
+    ("prompt", True, "prompt accuracy gain +0.100 > min_gain 0.0"),
+    ("instruction", False, "instruction accuracy gain -0.050 <= min_gain 0.0"),
+])
+def test_promotion_verdict_gain_metric(gain_metric, promoted, reason):
+    from flywheel.evaluation import promotion_verdict
+
+    evaluation = _evaluation(0.5, 0.4, {"a": 0.5}, {"a": 0.5})
+    evaluation = evaluation.model_copy(update={
+        "candidate": evaluation.candidate.model_copy(update={"constraint_accuracy": 0.55}),
+        "champion": evaluation.champion.model_copy(update={"constraint_accuracy": 0.60}),
+    })
+    ok, reasons = promotion_verdict(evaluation, False, **POLICY, gain_metric=gain_metric)
+    assert ok is promoted
+    assert reason in reasons
+
+
+def test_promotion_verdict_refuses_an_unknown_gain_metric():
+    from flywheel.evaluation import promotion_verdict
+
+    with pytest.raises(ValueError, match="unknown gain_metric"):
+        promotion_verdict(_evaluation(0.5, 0.4, {}, {}), False, **POLICY, gain_metric="loose")

@@ -91,6 +91,32 @@ def test_decide_promotion_reports_a_promotion_made_before_a_kill(registry_worksp
     assert (promotion.promoted, promotion.version, promotion.previous, promotion.reason) == (True, "2", "1", "gain 0.1")
 
 
+@pytest.mark.parametrize(("gain_metric", "promoted"), [("prompt", True), ("instruction", False)])
+def test_decide_promotion_applies_the_recipes_gain_metric(registry_workspace, gain_metric, promoted):
+    from flywheel.evaluation import Evaluation, ModelScores
+    from flywheel.review import ReviewDecision
+    from flywheel.stages import Registration, decide_promotion
+
+    config, workspace = registry_workspace
+    config = config.model_copy(update={"promotion": config.promotion.model_copy(
+        update={"min_gain": 0.0, "gain_metric": gain_metric})})
+    _register(config, workspace, 0, aliases=("champion",))
+    _register(config, workspace, 1, aliases=("candidate",))
+
+    def scores(prompt_accuracy, constraint_accuracy):
+        return ModelScores(prompts=10, prompt_accuracy=prompt_accuracy, constraint_accuracy=constraint_accuracy,
+                           per_type={}, truncated_share=0.0, mean_tokens=5.0)
+
+    # More prompts fully met, fewer instructions met: the kind of candidate the two metrics disagree on.
+    evaluation = Evaluation(candidate=scores(0.4, 0.5), champion=scores(0.3, 0.55), win_rate=0.5,
+                            accuracy_gain=0.1)
+    decision = ReviewDecision(approved=True, mode="auto", reviewer="policy")
+    promotion = decide_promotion(config, workspace, Registration(version="2", aliases=["candidate"], run_id="r"),
+                                 evaluation, decision)
+    assert promotion.promoted is promoted
+    assert f"{gain_metric} accuracy gain" in promotion.reason
+
+
 def test_open_round_reopens_the_run_of_a_failed_attempt(registry_workspace):
     from flywheel import registry
     from flywheel.stages import Champion, open_round

@@ -34,14 +34,17 @@ def wait_for_pause(workspace, recipe, process, log, timeout=300):
 def test_required_review_pauses_and_resumes(tiny_model_dir, tmp_path, approve):
     workspace = tmp_path / "ws"
     workspace.mkdir()
+    # 16 prompts: the tiny model's byte soup ties most samples, and the round must keep a pair after the drop.
     recipe = write_recipe(workspace / "recipe.yaml", tiny_recipe(
-        tiny_model_dir, review__mode="required", review__timeout_s=600, review__sample_size=3))
+        tiny_model_dir, review__mode="required", review__timeout_s=600, review__sample_size=3,
+        prompts__per_round=16))
     log = tmp_path / "round.log"
     process = start_cli(workspace, "run", "--config", str(recipe), log=log)
     try:
         listing = wait_for_pause(workspace, recipe, process, log)
         assert "# Review round-0001" in listing  # the published sample is shown to the terminal reviewer
         pairs = read_table(workspace / "data" / "rounds" / "round-0001" / "pairs.parquet")
+        assert len(pairs) >= 2, "the seeded round must leave a pair to train on after the reviewer's drop"
         drop = str(pairs["row_id"].iloc[0])
         # unknown row ids are refused before the run is touched
         bad = run_cli(workspace, "review", "--config", str(recipe), "--approve", "--reviewer", "alice",

@@ -100,6 +100,7 @@ class TransformersEngine:
             # With the sampler as a logits processor, generate decodes greedily: the processor leaves only the
             # token it drew, so argmax takes it.
             sampler = sampling and self.fast_sampling
+            warpers = sampling and not sampler
             extra = {"logits_processor": LogitsProcessorList([NucleusSampler(params.temperature, params.top_p)])} \
                 if sampler else {}
             with torch.inference_mode():
@@ -109,9 +110,9 @@ class TransformersEngine:
                     attention_mask=mask,
                     past_key_values=shared,
                     max_new_tokens=params.max_new_tokens,
-                    do_sample=sampling and not sampler,
-                    temperature=params.temperature if sampling and not sampler else None,
-                    top_p=params.top_p if sampling and not sampler else None,
+                    do_sample=warpers,
+                    temperature=params.temperature if warpers else None,
+                    top_p=params.top_p if warpers else None,
                     top_k=None,
                     pad_token_id=pad_id,
                     eos_token_id=eos_ids,
@@ -194,16 +195,6 @@ def _keep_nucleus(sorted_probs, top_p: float):
     keep = mass_above < top_p
     keep[:, 0] = True
     return sorted_probs * keep
-
-
-def nucleus_distribution(scores, temperature: float, top_p: float, candidates: int = 256):
-    """``nucleus`` as one batch x vocabulary probability table (rows sum to 1): what the sampler draws from."""
-    import torch
-
-    table = torch.zeros(scores.shape, dtype=torch.float32, device=scores.device)
-    for rows, ids, weights in nucleus(scores, temperature, top_p, candidates):
-        table[rows] = table[rows].scatter(-1, ids, weights)
-    return table / table.sum(dim=-1, keepdim=True)
 
 
 class NucleusSampler:

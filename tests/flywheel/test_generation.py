@@ -219,17 +219,27 @@ def _warped(scores, temperature, top_p):
     return torch.softmax(warped, dim=-1)
 
 
+def _nucleus_distribution(scores, temperature, top_p, candidates):
+    """``nucleus`` as one batch x vocabulary probability table (rows sum to 1): what the sampler draws from."""
+    import torch
+
+    from flywheel.generation import nucleus
+
+    table = torch.zeros(scores.shape, dtype=torch.float32)
+    for rows, ids, weights in nucleus(scores, temperature, top_p, candidates):
+        table[rows] = table[rows].scatter(-1, ids, weights)
+    return table / table.sum(dim=-1, keepdim=True)
+
+
 @pytest.mark.parametrize(("temperature", "top_p"), [(0.8, 0.95), (1.0, 0.5), (1.0, 1.0), (0.7, 0.99)])
 def test_nucleus_is_the_distribution_of_transformers_warpers(temperature, top_p):
     import torch
-
-    from flywheel.generation import nucleus_distribution
 
     generator = torch.Generator().manual_seed(0)
     scores = torch.randn(8, 3000, generator=generator)
     scores[:4] *= 15  # peaked rows (nucleus within the candidates) next to near-flat ones (sorted in full)
     expected = _warped(scores, temperature, top_p)
-    got = nucleus_distribution(scores, temperature, top_p, candidates=64)
+    got = _nucleus_distribution(scores, temperature, top_p, candidates=64)
     assert torch.equal(got > 0, expected > 0)
     assert torch.allclose(got, expected, atol=1e-6)
 

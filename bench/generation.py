@@ -77,6 +77,9 @@ def main() -> None:
                         help="samples per prompt: a batch of B rows answers B / samples prompts (the round's "
                              "workload: configs/default.yaml draws 4); above 1, --temperature applies")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
+    parser.add_argument("--prompts", type=int, default=0,
+                        help="prompts every batch size answers (0: one batch's worth, batch / samples): with "
+                             "--prompts 64 --samples 4 each size runs the default round's whole generate workload")
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args()
     import torch
@@ -103,7 +106,9 @@ def main() -> None:
     ceiling_before = common.ceilings()
     if args.samples < 1 or any(size % args.samples for size in sizes):
         raise SystemExit(f"--samples {args.samples} must divide every batch size {sizes}")
-    prompts = [user_request(p.prompt) for p in default_prompts()[: max(sizes) // args.samples]]
+    if args.prompts < 0:
+        raise SystemExit("--prompts must be 0 or more")
+    prompts = [user_request(p.prompt) for p in default_prompts()[: args.prompts or max(sizes) // args.samples]]
     # Greedy with one sample (the identity check); the round's sampling when several samples are drawn.
     params = (SamplingParams(max_new_tokens=args.new_tokens) if args.samples == 1 else
               SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=0.95, seed=0))
@@ -121,7 +126,7 @@ def main() -> None:
         engine.generate(prompts[:2], 1, SamplingParams(max_new_tokens=4))  # warm-up outside the timings
         for size in sizes:
             engine.batch_size = size
-            asked = size // args.samples
+            asked = args.prompts or size // args.samples
             completions, seconds = timed(engine, prompts[:asked], args.samples, params)
             tokens = sum(c.n_tokens for c in completions)
             # Prompt tokens the engine pre-fills: every row's, or each prompt's once when it shares them.

@@ -3,7 +3,9 @@
 For every strategy, a fresh scratch workspace runs ``--rounds`` rounds of its recipe in ``configs/`` (each round
 starts from the champion the last one left) and the table reports, per round: the held-out prompt-level and
 instruction-level accuracy (strict and loose) of the round's candidate and of the base, whether it was promoted, the
-judge agreement, the rows the strategy produced, and the round's wall time. Writes bench/out/strategies.json and
+judge agreement, the rows the strategy produced, and the round's wall time; and the model served after each round
+(the last promoted candidate) against the base on the same held-out prompts: its instruction-level gain with a 95%
+interval and a sign test, so a gain can be told from noise. Writes bench/out/strategies.json and
 bench/out/strategies.png and logs the table to MLflow.
 
     .venv/bin/python bench/strategies.py [--rounds 3] [--strategies best_of_n spar ...]
@@ -94,6 +96,26 @@ def round_row(strategy: str, number: int, workspace: Path, seconds: float) -> di
     }
 
 
+def served_against_base(workspace: Path, rounds: int) -> list[dict]:
+    """For each round, the served model's held-out answers against the base's, paired on the same prompts: the
+    instruction-level gain with its 95% interval and sign test (flywheel.evaluation.paired_gain). The served model
+    is the last promoted candidate; the base's answers are round 1's champion table."""
+    from flywheel.dataset import read_table
+    from flywheel.evaluation import compare
+
+    work = workspace / ".flywheel" / "work"
+    base = read_table(work / "round-0001" / "eval_champion.parquet")
+    served, estimates = base, []
+    for number in range(1, rounds + 1):
+        record = json.loads((workspace / ".flywheel" / "rounds" / f"round-{number:04d}.json").read_text())
+        if (record.get("promotion") or {}).get("promoted"):
+            served = read_table(work / f"round-{number:04d}" / "eval_candidate.parquet")
+        gain = compare(served, base).instruction_gain
+        estimates.append({"served_gain_vs_base": gain.gain, "served_gain_ci_low": gain.ci_low,
+                          "served_gain_ci_high": gain.ci_high, "served_gain_p": gain.p_value})
+    return estimates
+
+
 def _relative(value: float | None, reference: float | None) -> float | None:
     return None if value is None or not reference else value / reference - 1.0
 
@@ -131,6 +153,8 @@ def main() -> None:
             if number == 1:
                 base = {"prompt_acc": row["champion_prompt_acc"], "instr_acc": row["champion_instr_acc"]}
             rows.append(row)
+        for row, served in zip(rows[-args.rounds:], served_against_base(workspace, args.rounds)):
+            row.update(served)
     for row in rows:
         row["instr_gain_vs_base"] = row["instr_acc"] - base["instr_acc"] if base else None
     load_after = common.machine_load()
@@ -141,6 +165,8 @@ def main() -> None:
         ("instr_acc", "instr acc", ".3f"), ("loose_instr_acc", "instr acc (loose)", ".3f"),
         ("instr_gain_vs_base", "instr vs base", "+.3f"), ("win_rate", "win rate", ".3f"),
         ("promoted", "promoted", ""), ("served_instr_acc", "champion instr acc", ".3f"),
+        ("served_gain_vs_base", "champion vs base", "+.3f"), ("served_gain_ci_low", "95% CI low", "+.3f"),
+        ("served_gain_ci_high", "95% CI high", "+.3f"), ("served_gain_p", "p (sign test)", ".3f"),
         ("perplexity", "probe ppl", ".2f"), ("perplexity_vs_champion", "ppl vs champion", "+.1%"),
         ("agreement", "judge agreement", ".3f"), ("pass_rate", "sample pass", ".3f"),
         ("pairs", "pairs", "d"), ("sft", "sft rows", "d"), ("quarantined", "quarantined", "d"),

@@ -141,6 +141,8 @@ def summary_rows(record) -> dict[str, str]:
         "train loss": f"{trained.train_loss:.4f}" if trained else "-",
         "eval before (champion)": f"{ev.champion.prompt_accuracy:.3f}" if ev else "-",
         "eval after (candidate)": f"{ev.candidate.prompt_accuracy:.3f}" if ev else "-",
+        **{f"{metric} gain (95% CI)": _gain_text(ev.gain_estimate(metric))
+           for metric in ("prompt", "instruction") if ev and ev.gain_estimate(metric)},
         "win rate vs champion": f"{ev.win_rate:.3f}" if ev else "-",
         **({"open-ended win rate": f"{ev.open_ended.win_rate:.3f} ({ev.open_ended.judge}, "
                                    f"{ev.open_ended.prompts} prompts)"} if ev and ev.open_ended else {}),
@@ -148,6 +150,11 @@ def summary_rows(record) -> dict[str, str]:
         "promoted": ("yes" if promotion.promoted else "no") if promotion else "-",
         "dataset tag": record.dataset.tag if record.dataset else "-",
     }
+
+
+def _gain_text(estimate) -> str:
+    return (f"{estimate.gain:+.3f} ({estimate.ci_low:+.3f} to {estimate.ci_high:+.3f}), "
+            f"p={estimate.p_value:.2f}")
 
 
 def _print_summary(records) -> None:

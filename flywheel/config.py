@@ -456,6 +456,10 @@ class PromotionConfig(Section):
         "prompt", description="Which held-out accuracy min_gain applies to: prompt (every instruction of a prompt "
                               "met, IFEval's prompt level) or instruction (share of instructions met). The other is "
                               "reported, not checked: on the 48-prompt set the two can move apart by several points.")
+    gain_alpha: float | None = Field(
+        None, gt=0, lt=1, description="With it, the gain must also be significant: one-sided exact sign test over the "
+                                      "held-out prompts whose result changed (better vs worse), p below this. On 48 "
+                                      "prompts a few points of gain is within noise (None: min_gain alone).")
     max_type_regression: float | None = Field(
         0.1, ge=0, le=1, description="No instruction type may lose more accuracy than this (None: unchecked)."
     )

@@ -24,6 +24,26 @@ class ModelScores(BaseModel):
     loose_constraint_accuracy: float | None = None
 
 
+class PairedGain(BaseModel):
+    """The candidate's held-out accuracy minus the champion's on the same items, with its uncertainty.
+
+    Items are prompts (prompt level) or instructions (instruction level). The interval is a normal 95% interval
+    whose variance treats each prompt as one unit (a cluster of its instructions: they share one answer, so they are
+    not independent draws). ``p_value`` is the one-sided exact sign test over prompts: how likely at least ``up``
+    of the ``up + down`` prompts that changed would have changed for the better if neither model were better."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    items: int
+    lost: int  # items the champion met and the candidate did not
+    gained: int  # and the reverse
+    gain: float
+    ci_low: float
+    ci_high: float
+    up: int  # prompts with more items met by the candidate than by the champion
+    down: int  # prompts with fewer
+    p_value: float
+
+
 class Evaluation(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     candidate: ModelScores
@@ -36,6 +56,14 @@ class Evaluation(BaseModel):
     # instruction type -> [lost, gained]: instructions the champion satisfied and the candidate not, and the reverse
     # (same prompts; empty in records made before it was kept)
     per_type_flips: dict[str, list[int]] = {}
+    # The paired gains with their intervals (None in records made before they were kept).
+    prompt_gain: PairedGain | None = None
+    instruction_gain: PairedGain | None = None
+
+    def gain_estimate(self, metric: str) -> PairedGain | None:
+        if metric not in ("prompt", "instruction"):
+            raise ValueError(f"unknown gain metric {metric!r} (prompt or instruction)")
+        return self.prompt_gain if metric == "prompt" else self.instruction_gain
 
     @property
     def perplexity_increase(self) -> float | None:
@@ -57,6 +85,11 @@ class Evaluation(BaseModel):
             flat["eval.open_ended.wins"] = float(self.open_ended.wins)
             flat["eval.open_ended.losses"] = float(self.open_ended.losses)
             flat["eval.open_ended.ties"] = float(self.open_ended.ties)
+        for metric in ("prompt", "instruction"):
+            estimate = self.gain_estimate(metric)
+            if estimate is not None:
+                for field in ("gain", "ci_low", "ci_high", "p_value"):
+                    flat[f"eval.{metric}_gain.{field}"] = float(getattr(estimate, field))
         for label, scores in (("candidate", self.candidate), ("champion", self.champion)):
             flat[f"eval.{label}.prompt_accuracy"] = scores.prompt_accuracy
             flat[f"eval.{label}.constraint_accuracy"] = scores.constraint_accuracy
@@ -126,7 +159,45 @@ def compare(candidate_judged, champion_judged) -> Evaluation:
         win_rate=float((wins + 0.5 * ties) / len(merged)),
         accuracy_gain=candidate.prompt_accuracy - champion.prompt_accuracy,
         per_type_flips=type_flips(merged["checks_cand"], merged["checks_champ"]),
+        prompt_gain=paired_gain([(1, int(champ and not cand), int(cand and not champ))
+                                 for cand, champ in zip(merged["passed_cand"], merged["passed_champ"])]),
+        instruction_gain=paired_gain(instruction_changes(merged["checks_cand"], merged["checks_champ"])),
     )
+
+
+def instruction_changes(candidate_checks, champion_checks) -> list[tuple[int, int, int]]:
+    """Per prompt: (instructions checked for both, lost, gained) over paired JSON check maps."""
+    changes = []
+    for mine, theirs in zip(candidate_checks, champion_checks):
+        mine, theirs = json.loads(mine), json.loads(theirs)
+        shared = mine.keys() & theirs.keys()
+        changes.append((len(shared), sum(theirs[k] and not mine[k] for k in shared),
+                        sum(mine[k] and not theirs[k] for k in shared)))
+    return changes
+
+
+def paired_gain(per_prompt: list[tuple[int, int, int]], z: float = 1.959964) -> PairedGain:
+    """The paired accuracy gain over prompts given as (items, lost, gained), with a 95% interval and a sign test.
+
+    The variance is the ratio estimator's (prompts as clusters): with one item per prompt it is the usual paired
+    difference of proportions. Fewer than two prompts give the widest interval: nothing is known."""
+    if not per_prompt:
+        raise ValueError("cannot estimate a gain on an empty prompt set")
+    items = sum(m for m, _, _ in per_prompt)
+    lost = sum(lo for _, lo, _ in per_prompt)
+    gained = sum(g for _, _, g in per_prompt)
+    gain = (gained - lost) / items if items else 0.0
+    n = len(per_prompt)
+    if n > 1 and items:
+        spread = sum((g - lo - gain * m) ** 2 for m, lo, g in per_prompt)
+        half = z * (n / (n - 1) * spread) ** 0.5 / items
+        low, high = max(-1.0, gain - half), min(1.0, gain + half)
+    else:
+        low, high = -1.0, 1.0
+    up = sum(g > lo for _, lo, g in per_prompt)
+    down = sum(g < lo for _, lo, g in per_prompt)
+    return PairedGain(items=items, lost=lost, gained=gained, gain=gain, ci_low=low, ci_high=high, up=up, down=down,
+                      p_value=sign_test_p(up, down))  # the chance of at least `up` ups among the changed
 
 
 def type_flips(candidate_checks, champion_checks) -> dict[str, list[int]]:
@@ -156,8 +227,12 @@ def promotion_verdict(evaluation: Evaluation, human_approved: bool, *, min_gain:
                       max_type_regression: float | None, max_perplexity_increase: float | None,
                       require_human_approval: bool, min_type_support: int = 0,
                       type_regression_alpha: float | None = None,
-                      gain_metric: str = "prompt") -> tuple[bool, list[str]]:
+                      gain_metric: str = "prompt", gain_alpha: float | None = None) -> tuple[bool, list[str]]:
     """Whether a candidate meets the promotion policy, with every reason it does or does not.
+
+    With ``gain_alpha``, the gain must also be significant: the paired sign test over the prompts that changed
+    (``PairedGain.p_value``) below ``gain_alpha``. A record without it (made before it was kept) is refused: a
+    policy that asks for evidence does not promote without it.
 
     With ``type_regression_alpha``, a type's drop beyond ``max_type_regression`` refuses the candidate only when
     it is also significant: the one-sided sign test on the type's flipped instructions (lost against gained) gives
@@ -169,11 +244,24 @@ def promotion_verdict(evaluation: Evaluation, human_approved: bool, *, min_gain:
         gain = evaluation.candidate.constraint_accuracy - evaluation.champion.constraint_accuracy
     else:
         raise ValueError(f"unknown gain_metric {gain_metric!r} (prompt or instruction)")
+    estimate = evaluation.gain_estimate(gain_metric)
+    interval = "" if estimate is None else (
+        f" (95% CI {estimate.ci_low:+.3f} to {estimate.ci_high:+.3f}; prompts up {estimate.up}, down "
+        f"{estimate.down}, p={estimate.p_value:.3f})")
     if gain > min_gain:
-        reasons.append(f"{gain_metric} accuracy gain {gain:+.3f} > min_gain {min_gain}")
+        reasons.append(f"{gain_metric} accuracy gain {gain:+.3f} > min_gain {min_gain}{interval}")
     else:
         ok = False
-        reasons.append(f"{gain_metric} accuracy gain {gain:+.3f} <= min_gain {min_gain}")
+        reasons.append(f"{gain_metric} accuracy gain {gain:+.3f} <= min_gain {min_gain}{interval}")
+    if gain_alpha is not None:
+        if estimate is None:
+            ok = False
+            reasons.append("gain significance unknown (an evaluation recorded before it was kept), gain_alpha set")
+        elif estimate.p_value >= gain_alpha:
+            ok = False
+            reasons.append(f"gain not significant: p={estimate.p_value:.3f} >= gain_alpha {gain_alpha}")
+        else:
+            reasons.append(f"gain significant: p={estimate.p_value:.3f} < gain_alpha {gain_alpha}")
     if max_type_regression is not None:
         champion = evaluation.champion.per_type
         # Both models answered the same prompts, so the champion's counts are the candidate's. A record without

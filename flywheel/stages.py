@@ -1123,6 +1123,7 @@ def decide_promotion(config: FlywheelConfig, workspace: Workspace, registration:
         max_type_regression=policy.max_type_regression, max_perplexity_increase=policy.max_perplexity_increase,
         require_human_approval=policy.require_human_approval, min_type_support=policy.min_type_support,
         type_regression_alpha=policy.type_regression_alpha, gain_metric=policy.gain_metric,
+        gain_alpha=policy.gain_alpha,
     )
     summary = "; ".join(reasons)
     if policy.mode == "manual":

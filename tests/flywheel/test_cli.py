@@ -75,3 +75,28 @@ def test_ui_starts_prefect_and_mlflow_on_loopback_and_stops_them(tmp_path):
         process.wait(timeout=60)
     time.sleep(2)
     assert not _answers(prefect_health) and not _answers(mlflow_health), "servers outlived `flywheel ui`"
+
+
+
+def test_summary_shows_each_gain_with_its_interval():
+    from types import SimpleNamespace as NS
+
+    from flywheel.cli import summary_rows
+    from flywheel.evaluation import Evaluation, ModelScores, paired_gain
+
+    def scores(accuracy):
+        return ModelScores(prompts=4, prompt_accuracy=accuracy, constraint_accuracy=accuracy, per_type={},
+                           truncated_share=0.0, mean_tokens=5.0)
+
+    prompt_gain = paired_gain([(1, 0, 1), (1, 0, 1), (1, 1, 0), (1, 0, 0)])
+    evaluation = Evaluation(candidate=scores(0.5), champion=scores(0.25), win_rate=0.6, accuracy_gain=0.25,
+                            prompt_gain=prompt_gain, instruction_gain=paired_gain([(3, 0, 2), (3, 1, 0)]))
+    record = NS(status="completed", parent_version="1", prompts=NS(round_prompts=4), judged=NS(rows=16, pass_rate=0.25),
+                quality=NS(clean=NS(pairs=2, sft=3), quarantined=0), review=NS(approved=True, reviewer="policy:auto"),
+                trained=NS(train_loss=0.69), evaluation=evaluation, registration=NS(version="2"),
+                promotion=NS(promoted=False), dataset=NS(tag="round-0001"))
+    rows = summary_rows(record)
+    assert rows["prompt gain (95% CI)"] == (f"+0.250 ({prompt_gain.ci_low:+.3f} to {prompt_gain.ci_high:+.3f}), "
+                                            f"p=0.50")
+    assert rows["instruction gain (95% CI)"].startswith("+0.167 (")
+    assert "prompt gain (95% CI)" not in summary_rows(NS(**{**vars(record), "evaluation": None, "trained": None}))

@@ -227,3 +227,94 @@ def test_promotion_verdict_refuses_an_unknown_gain_metric():
 
     with pytest.raises(ValueError, match="unknown gain_metric"):
         promotion_verdict(_evaluation(0.5, 0.4, {}, {}), False, **POLICY, gain_metric="loose")
+
+
+def test_paired_gain_with_one_item_per_prompt_is_the_paired_difference_of_proportions():
+    from flywheel.evaluation import paired_gain
+
+    # 10 prompts: 4 gained, 1 lost, 5 unchanged.
+    estimate = paired_gain([(1, 0, 1)] * 4 + [(1, 1, 0)] + [(1, 0, 0)] * 5)
+    assert (estimate.items, estimate.lost, estimate.gained, estimate.up, estimate.down) == (10, 1, 4, 4, 1)
+    assert estimate.gain == pytest.approx(0.3)
+    # Differences d in {+1 x4, -1 x1, 0 x5}: sum (d - 0.3)^2 = 4*0.49 + 1.69 + 5*0.09 = 4.1; var = 10/9 * 4.1.
+    half = 1.959964 * (10 / 9 * 4.1) ** 0.5 / 10
+    assert (estimate.ci_low, estimate.ci_high) == (pytest.approx(0.3 - half), pytest.approx(0.3 + half))
+    assert estimate.p_value == pytest.approx(6 / 32)  # at least 4 ups of 5 changed prompts: (5 + 1) / 2^5
+
+
+def test_paired_gain_counts_a_prompts_instructions_as_one_unit():
+    from flywheel.evaluation import paired_gain
+
+    # The same 6-point gain on 100 instructions: spread over 6 prompts, or all 6 in one prompt's answer.
+    spread = paired_gain([(2, 0, 1)] * 6 + [(2, 0, 0)] * 44)
+    lumped = paired_gain([(2, 0, 2), (2, 0, 2), (2, 0, 2)] + [(2, 0, 0)] * 47)
+    assert spread.gain == lumped.gain == pytest.approx(0.06)
+    # Instructions that flip together in one answer are less evidence: a wider interval...
+    assert lumped.ci_high - lumped.ci_low > spread.ci_high - spread.ci_low
+    # ...and the sign test counts prompts, not instructions.
+    assert (spread.up, lumped.up) == (6, 3)
+    assert spread.p_value == pytest.approx(1 / 64) and lumped.p_value == pytest.approx(1 / 8)
+
+
+def test_paired_gain_bounds():
+    from flywheel.evaluation import paired_gain
+
+    unchanged = paired_gain([(1, 0, 0)] * 5)
+    assert (unchanged.gain, unchanged.ci_low, unchanged.ci_high, unchanged.p_value) == (0.0, 0.0, 0.0, 1.0)
+    single = paired_gain([(3, 0, 3)])
+    assert (single.gain, single.ci_low, single.ci_high) == (1.0, -1.0, 1.0)  # one prompt: nothing known
+    everything = paired_gain([(1, 0, 1)] * 8)
+    assert everything.ci_high == 1.0 and everything.p_value == pytest.approx(1 / 256)
+    with pytest.raises(ValueError, match="empty"):
+        paired_gain([])
+
+
+def test_compare_estimates_both_gains():
+    evaluation = compare(CANDIDATE, CHAMPION)
+    # Prompt level: p1 and p4 pass only for the candidate, p3 only for the champion, p2 for neither.
+    assert (evaluation.prompt_gain.gained, evaluation.prompt_gain.lost) == (2, 1)
+    assert evaluation.prompt_gain.gain == pytest.approx(evaluation.accuracy_gain)
+    # Instruction level: gained no_commas on p1 and title on p4, lost title on p3, over 6 instructions.
+    gain = evaluation.instruction_gain
+    assert (gain.items, gain.gained, gain.lost, gain.up, gain.down) == (6, 2, 1, 2, 1)
+    assert gain.gain == pytest.approx(evaluation.candidate.constraint_accuracy
+                                      - evaluation.champion.constraint_accuracy)
+    metrics = evaluation.metrics()
+    assert metrics["eval.instruction_gain.gain"] == pytest.approx(1 / 6)
+    assert metrics["eval.prompt_gain.p_value"] == pytest.approx(0.5)  # 2 up of 3 changed: (3 + 1) / 8
+    assert metrics["eval.prompt_gain.ci_low"] < 0.25 < metrics["eval.prompt_gain.ci_high"]
+
+
+def _with_gain(evaluation, p_value, metric="prompt"):
+    from flywheel.evaluation import PairedGain
+
+    estimate = PairedGain(items=10, lost=0, gained=1, gain=0.1, ci_low=-0.05, ci_high=0.25, up=1, down=0,
+                          p_value=p_value)
+    return evaluation.model_copy(update={f"{metric}_gain": estimate})
+
+
+@pytest.mark.parametrize(("p_value", "gain_alpha", "promoted", "reason"), [
+    (0.5, None, True, "prompt accuracy gain +0.100 > min_gain 0.0 (95% CI -0.050 to +0.250; prompts up 1, down 0, "
+                      "p=0.500)"),
+    (0.5, 0.05, False, "gain not significant: p=0.500 >= gain_alpha 0.05"),
+    (0.01, 0.05, True, "gain significant: p=0.010 < gain_alpha 0.05"),
+    (None, 0.05, False, "gain significance unknown"),
+])
+def test_promotion_verdict_gain_alpha(p_value, gain_alpha, promoted, reason):
+    from flywheel.evaluation import promotion_verdict
+
+    evaluation = _evaluation(0.5, 0.4, {"a": 0.5}, {"a": 0.4})
+    if p_value is not None:
+        evaluation = _with_gain(evaluation, p_value)
+    ok, reasons = promotion_verdict(evaluation, False, **POLICY, gain_alpha=gain_alpha)
+    assert ok is promoted
+    assert any(r.startswith(reason) for r in reasons), reasons
+
+
+def test_promotion_verdict_gain_alpha_reads_the_chosen_metric():
+    from flywheel.evaluation import promotion_verdict
+
+    # Significant at prompt level only: the instruction metric has no estimate, so it is refused.
+    evaluation = _with_gain(_evaluation(0.5, 0.4, {"a": 0.5}, {"a": 0.4}), 0.01, "prompt")
+    assert promotion_verdict(evaluation, False, **POLICY, gain_alpha=0.05, gain_metric="prompt")[0]
+    assert not promotion_verdict(evaluation, False, **POLICY, gain_alpha=0.05, gain_metric="instruction")[0]

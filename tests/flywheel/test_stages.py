@@ -91,15 +91,15 @@ def test_decide_promotion_reports_a_promotion_made_before_a_kill(registry_worksp
     assert (promotion.promoted, promotion.version, promotion.previous, promotion.reason) == (True, "2", "1", "gain 0.1")
 
 
-@pytest.mark.parametrize(("gain_metric", "promoted"), [("prompt", True), ("instruction", False)])
-def test_decide_promotion_applies_the_recipes_gain_metric(registry_workspace, gain_metric, promoted):
+def _decide_on(registry_workspace, policy: dict, candidate: tuple[float, float], champion: tuple[float, float],
+               **evaluation_fields):
+    """The auto policy's verdict on v2 against champion v1, for (prompt, instruction) accuracies."""
     from flywheel.evaluation import Evaluation, ModelScores
     from flywheel.review import ReviewDecision
     from flywheel.stages import Registration, decide_promotion
 
     config, workspace = registry_workspace
-    config = config.model_copy(update={"promotion": config.promotion.model_copy(
-        update={"min_gain": 0.0, "gain_metric": gain_metric})})
+    config = config.model_copy(update={"promotion": config.promotion.model_copy(update={"min_gain": 0.0, **policy})})
     _register(config, workspace, 0, aliases=("champion",))
     _register(config, workspace, 1, aliases=("candidate",))
 
@@ -107,14 +107,30 @@ def test_decide_promotion_applies_the_recipes_gain_metric(registry_workspace, ga
         return ModelScores(prompts=10, prompt_accuracy=prompt_accuracy, constraint_accuracy=constraint_accuracy,
                            per_type={}, truncated_share=0.0, mean_tokens=5.0)
 
-    # More prompts fully met, fewer instructions met: the kind of candidate the two metrics disagree on.
-    evaluation = Evaluation(candidate=scores(0.4, 0.5), champion=scores(0.3, 0.55), win_rate=0.5,
-                            accuracy_gain=0.1)
+    evaluation = Evaluation(candidate=scores(*candidate), champion=scores(*champion), win_rate=0.5,
+                            accuracy_gain=candidate[0] - champion[0], **evaluation_fields)
     decision = ReviewDecision(approved=True, mode="auto", reviewer="policy")
-    promotion = decide_promotion(config, workspace, Registration(version="2", aliases=["candidate"], run_id="r"),
-                                 evaluation, decision)
+    return decide_promotion(config, workspace, Registration(version="2", aliases=["candidate"], run_id="r"),
+                            evaluation, decision)
+
+
+@pytest.mark.parametrize(("gain_metric", "promoted"), [("prompt", True), ("instruction", False)])
+def test_decide_promotion_applies_the_recipes_gain_metric(registry_workspace, gain_metric, promoted):
+    # More prompts fully met, fewer instructions met: the kind of candidate the two metrics disagree on.
+    promotion = _decide_on(registry_workspace, {"gain_metric": gain_metric}, (0.4, 0.5), (0.3, 0.55))
     assert promotion.promoted is promoted
     assert f"{gain_metric} accuracy gain" in promotion.reason
+
+
+@pytest.mark.parametrize(("gain_alpha", "promoted"), [(None, True), (0.05, False)])
+def test_decide_promotion_applies_the_recipes_gain_alpha(registry_workspace, gain_alpha, promoted):
+    from flywheel.evaluation import PairedGain
+
+    # One more prompt met of ten, the only one that changed: a gain, but one a coin flip gives half the time.
+    gain = PairedGain(items=10, lost=0, gained=1, gain=0.1, ci_low=-0.1, ci_high=0.3, up=1, down=0, p_value=0.5)
+    promotion = _decide_on(registry_workspace, {"gain_alpha": gain_alpha}, (0.4, 0.4), (0.3, 0.3), prompt_gain=gain)
+    assert promotion.promoted is promoted
+    assert ("gain not significant" in promotion.reason) is not promoted
 
 
 def test_open_round_reopens_the_run_of_a_failed_attempt(registry_workspace):

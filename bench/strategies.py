@@ -10,8 +10,10 @@ bench/out/strategies.png and logs the table to MLflow.
 
     .venv/bin/python bench/strategies.py [--rounds 3] [--strategies best_of_n spar ...]
                                          [--prompts 64] [--eval-limit 48] [--max-new-tokens 96]
+                                         [--builtin-prompts 1024]
 
-``--prompts``, ``--eval-limit`` and ``--max-new-tokens`` override the recipes (smaller: faster, noisier).
+``--prompts``, ``--eval-limit``, ``--max-new-tokens`` and ``--builtin-prompts`` override the recipes (smaller:
+faster, noisier).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def recipe_for(strategy: str, workspace: Path, args: argparse.Namespace) -> Path
         prompts["per_round"] = args.prompts
     if args.eval_limit:
         prompts["eval_limit"] = args.eval_limit
+    if args.builtin_prompts:
+        prompts["builtin_count"] = args.builtin_prompts
     if args.max_new_tokens:
         data.setdefault("generation", {})["max_new_tokens"] = args.max_new_tokens
         data.setdefault("evaluation", {})["max_new_tokens"] = args.max_new_tokens
@@ -126,6 +130,9 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", choices=sorted(RECIPES), default=list(RECIPES))
     parser.add_argument("--prompts", type=int, default=0, help="prompts per round (0: the recipe's)")
     parser.add_argument("--eval-limit", type=int, default=0, help="held-out prompts scored (0: the recipe's)")
+    parser.add_argument("--builtin-prompts", type=int, default=0,
+                        help="synthesized prompt pool (0: the recipe's); 1024 holds out about 256, so --eval-limit "
+                             "192 scores four times the default's 48 held-out prompts (a superset of them)")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="answer length (0: the recipe's)")
     parser.add_argument("--workspace", type=Path, default=Path("/tmp/flywheel-bench-strategies"))
     parser.add_argument("--no-mlflow", action="store_true")
@@ -176,6 +183,7 @@ def main() -> None:
           f"instruction acc {base.get('instr_acc', float('nan')):.3f} (strict)")
     print(f"load: before {common.load_note(load_before)}; after {common.load_note(load_after)}")
     settings = {"rounds": args.rounds, "prompts": args.prompts or "recipe", "eval_limit": args.eval_limit or "recipe",
+                "builtin_prompts": args.builtin_prompts or "recipe",
                 "max_new_tokens": args.max_new_tokens or "recipe"}
     path = common.write_json("strategies", {"settings": settings, "base": base, "rows": rows, "table": text,
                                             "load": {"before": load_before, "after": load_after}})

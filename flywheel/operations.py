@@ -59,13 +59,9 @@ def resolve_model(config: FlywheelConfig, workspace: Workspace, ref: str) -> Res
 
 def held_out_prompts(config: FlywheelConfig, workspace: Workspace) -> Path:
     """The held-out prompts every round evaluates on (same split, same limit), written once per recipe."""
-    from flywheel.config import resolve
-    from flywheel.prompts import default_prompts, load_prompts, save_prompts, split_prompts
+    from flywheel.prompts import recipe_prompts, save_prompts, split_prompts
 
-    if config.prompts.source == "builtin":
-        prompts = default_prompts(seed=config.prompts.seed)
-    else:
-        prompts = load_prompts(resolve(config.prompts.source, workspace.root))
+    prompts = recipe_prompts(config.prompts, workspace.root)
     _, held_out = split_prompts(prompts, config.prompts.eval_fraction, seed=config.prompts.seed)
     held_out = held_out[: config.prompts.eval_limit]
     key = hashlib.sha256("\n".join(p.id for p in held_out).encode()).hexdigest()[:12]

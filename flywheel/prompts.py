@@ -195,8 +195,18 @@ def synthesize_prompts(n: int, seed: int = 0, max_constraints: int = 3) -> list[
     return prompts
 
 
-def default_prompts(seed: int = 0) -> list[Prompt]:
-    return synthesize_prompts(DEFAULT_PROMPT_COUNT, seed)
+def default_prompts(seed: int = 0, count: int = DEFAULT_PROMPT_COUNT) -> list[Prompt]:
+    return synthesize_prompts(count, seed)
+
+
+def recipe_prompts(prompts_config, root: Path) -> list[Prompt]:
+    """A recipe's whole prompt pool (``PromptsConfig``): synthesized when its source is builtin, else its file
+    (relative to ``root``)."""
+    from flywheel.config import resolve
+
+    if prompts_config.source == "builtin":
+        return default_prompts(seed=prompts_config.seed, count=prompts_config.builtin_count)
+    return load_prompts(resolve(prompts_config.source, root))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -241,13 +241,9 @@ def log_metrics(workspace: Workspace, run_id: str, metrics: dict[str, float], st
 # --- prompts, generation, feedback, data ------------------------------------------------------------------------
 
 def load_prompt_split(config: FlywheelConfig, workspace: Workspace, context: RoundContext) -> PromptSplit:
-    from flywheel.config import resolve
-    from flywheel.prompts import default_prompts, load_prompts, sample_round_prompts, save_prompts, split_prompts
+    from flywheel.prompts import recipe_prompts, sample_round_prompts, save_prompts, split_prompts
 
-    if config.prompts.source == "builtin":
-        prompts = default_prompts(seed=config.prompts.seed)
-    else:
-        prompts = load_prompts(resolve(config.prompts.source, workspace.root))
+    prompts = recipe_prompts(config.prompts, workspace.root)
     train, held_out = split_prompts(prompts, config.prompts.eval_fraction, seed=config.prompts.seed)
     chosen = sample_round_prompts(train, config.prompts.per_round, context.number, seed=config.prompts.seed)
     held_out = held_out[: config.prompts.eval_limit]

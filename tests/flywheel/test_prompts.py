@@ -55,6 +55,27 @@ def test_default_prompts(defaults):
     assert synthesize_prompts(0) == []
 
 
+def test_a_larger_builtin_pool_keeps_the_default_pool_and_its_held_out_prompts(defaults, tmp_path):
+    from flywheel.config import PromptsConfig
+    from flywheel.prompts import recipe_prompts
+
+    larger = recipe_prompts(PromptsConfig(builtin_count=1024), tmp_path)
+    assert len(larger) == 1024 and larger[:256] == defaults
+    _, held_out = split_prompts(defaults, 0.25)
+    _, more_held_out = split_prompts(larger, 0.25)
+    # Every eval_limit scores a prefix of the same held-out order, so a larger pool only adds prompts.
+    assert more_held_out[: len(held_out)] == held_out and len(more_held_out) > 3 * len(held_out)
+    assert recipe_prompts(PromptsConfig(), tmp_path) == defaults
+
+
+def test_recipe_prompts_reads_a_file_source(tmp_path):
+    from flywheel.config import PromptsConfig
+    from flywheel.prompts import recipe_prompts
+
+    save_prompts([make_prompt("a"), make_prompt("b")], tmp_path / "mine.jsonl")
+    assert [p.id for p in recipe_prompts(PromptsConfig(source="mine.jsonl"), tmp_path)] == ["a", "b"]
+
+
 def test_ids_are_unique_and_content_derived(defaults):
     assert len({p.id for p in defaults}) == len(defaults)
     assert len({p.prompt for p in defaults}) == len(defaults)

@@ -141,8 +141,8 @@ def summary_rows(record) -> dict[str, str]:
         "train loss": f"{trained.train_loss:.4f}" if trained else "-",
         "eval before (champion)": f"{ev.champion.prompt_accuracy:.3f}" if ev else "-",
         "eval after (candidate)": f"{ev.candidate.prompt_accuracy:.3f}" if ev else "-",
-        **{f"{metric} gain (95% CI)": _gain_text(ev.gain_estimate(metric))
-           for metric in ("prompt", "instruction") if ev and ev.gain_estimate(metric)},
+        **{f"{metric} gain (95% CI)": _gain_text(estimate) for metric, estimate in
+           (("prompt", ev and ev.prompt_gain), ("instruction", ev and ev.instruction_gain)) if estimate},
         "win rate vs champion": f"{ev.win_rate:.3f}" if ev else "-",
         **({"open-ended win rate": f"{ev.open_ended.win_rate:.3f} ({ev.open_ended.judge}, "
                                    f"{ev.open_ended.prompts} prompts)"} if ev and ev.open_ended else {}),

@@ -153,26 +153,28 @@ def compare(candidate_judged, champion_judged) -> Evaluation:
     wins = (merged["score_cand"] > merged["score_champ"]).sum()
     ties = (merged["score_cand"] == merged["score_champ"]).sum()
     candidate, champion = summarize(candidate_judged), summarize(champion_judged)
+    changes = instruction_changes(merged["checks_cand"], merged["checks_champ"])
     return Evaluation(
         candidate=candidate,
         champion=champion,
         win_rate=float((wins + 0.5 * ties) / len(merged)),
         accuracy_gain=candidate.prompt_accuracy - champion.prompt_accuracy,
-        per_type_flips=type_flips(merged["checks_cand"], merged["checks_champ"]),
+        per_type_flips=type_flips(changes),
         prompt_gain=paired_gain([(1, int(champ and not cand), int(cand and not champ))
                                  for cand, champ in zip(merged["passed_cand"], merged["passed_champ"])]),
-        instruction_gain=paired_gain(instruction_changes(merged["checks_cand"], merged["checks_champ"])),
+        instruction_gain=paired_gain([(len(kinds), sum(lost for lost, _ in kinds.values()),
+                                       sum(gained for _, gained in kinds.values())) for kinds in changes]),
     )
 
 
-def instruction_changes(candidate_checks, champion_checks) -> list[tuple[int, int, int]]:
-    """Per prompt: (instructions checked for both, lost, gained) over paired JSON check maps."""
+def instruction_changes(candidate_checks, champion_checks) -> list[dict[str, tuple[int, int]]]:
+    """Per prompt, each instruction type checked for both models -> (lost, gained): 1 where the champion met it and
+    the candidate did not, and the reverse. Paired JSON check maps, one pair per prompt."""
     changes = []
     for mine, theirs in zip(candidate_checks, champion_checks):
         mine, theirs = json.loads(mine), json.loads(theirs)
-        shared = mine.keys() & theirs.keys()
-        changes.append((len(shared), sum(theirs[k] and not mine[k] for k in shared),
-                        sum(mine[k] and not theirs[k] for k in shared)))
+        changes.append({kind: (int(theirs[kind] and not mine[kind]), int(mine[kind] and not theirs[kind]))
+                        for kind in mine.keys() & theirs.keys()})
     return changes
 
 
@@ -200,15 +202,14 @@ def paired_gain(per_prompt: list[tuple[int, int, int]], z: float = 1.959964) -> 
                       p_value=sign_test_p(up, down))  # the chance of at least `up` ups among the changed
 
 
-def type_flips(candidate_checks, champion_checks) -> dict[str, list[int]]:
-    """Instruction type -> [lost, gained] over paired JSON check maps (one pair per prompt, same prompts)."""
+def type_flips(changes: list[dict[str, tuple[int, int]]]) -> dict[str, list[int]]:
+    """Instruction type -> [lost, gained] summed over prompts (``instruction_changes``)."""
     flips: dict[str, list[int]] = {}
-    for mine, theirs in zip(candidate_checks, champion_checks):
-        mine, theirs = json.loads(mine), json.loads(theirs)
-        for kind in mine.keys() & theirs.keys():
+    for kinds in changes:
+        for kind, (lost, gained) in kinds.items():
             counts = flips.setdefault(kind, [0, 0])
-            counts[0] += int(theirs[kind] and not mine[kind])
-            counts[1] += int(mine[kind] and not theirs[kind])
+            counts[0] += lost
+            counts[1] += gained
     return dict(sorted(flips.items()))
 
 

@@ -8,11 +8,13 @@ no engine can reach 100%). A second ratio counts the prompt tokens too (2 x para
 processes, prompt and answer: model FLOPs utilization, attention still left out); the first is the headline figure.
 
 With ``--samples K`` each batch of B rows answers B / K prompts K times with the round's sampling (temperature,
-top_p 0.95, seed 0), the workload of a round's generate stage; ``transformers`` then pre-fills each prompt once for
-its K samples and ``transformers-plain`` pre-fills every row (plain ``model.generate``): the identity check compares
-each engine's answers with ``transformers-plain``'s. Both draw with the engine's ``NucleusSampler``;
-``transformers-warpers`` draws with transformers' own top-p warper and multinomial instead (the engine before the
-sampler): the same distribution, other draws, so its identity count is expected to be near 0.
+top_p 0.95, seed 0), the workload of a round's generate stage. ``transformers`` is the engine (its own decode loop:
+each prompt pre-filled once for its K samples, KV cache written in place, finished rows leave the batch);
+``transformers-plain`` is plain ``model.generate`` (every row pre-fills, transformers' DynamicCache, rows run until
+the batch's longest answer ends), the reference: the identity check compares each engine's answers with
+``transformers-plain``'s, greedy and sampled. Both draw with the engine's ``NucleusSampler``;
+``transformers-warpers`` is plain ``model.generate`` with transformers' own top-p warper and multinomial (the
+engine before the sampler): the same distribution, other draws, so its identity count is expected to be near 0.
 Prints a Markdown table; writes bench/out/generation.json and bench/out/generation.png;
 logs them to MLflow (see bench/common.py).
 
@@ -32,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 
-# name -> (make_engine name, compute_type); "transformers-plain" pre-fills every sample's prompt itself (the
-# reference for --samples above 1: plain transformers generation).
+# name -> (make_engine name, compute_type); "transformers-plain" is plain model.generate, the reference every other
+# engine's answers are compared with.
 ENGINES = {
     "transformers": ("transformers", "float32"),
     "transformers-plain": ("transformers", "float32"),
@@ -51,7 +53,7 @@ def build(engine: str, model_dir: Path, batch_size: int, threads: int):
     if name == "transformers":
         built = make_engine(name, model_dir, "cpu", batch_size,
                             precision="bf16" if compute_type == "bfloat16" else "fp32")
-        built.share_prompts = engine != "transformers-plain"
+        built.decoder = "generate" if engine in ("transformers-plain", "transformers-warpers") else "flywheel"
         built.fast_sampling = engine != "transformers-warpers"
         return built
     built = make_engine(name, model_dir, "cpu", batch_size, compute_type=compute_type, threads=threads,
@@ -69,8 +71,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
     parser.add_argument("--engines", default="",
-                        help="default: transformers, ctranslate2, ctranslate2-int8, and transformers-bf16 where the "
-                             "CPU has native bf16 (transformers-plain: add it with --samples above 1)")
+                        help="default: transformers, transformers-plain (plain model.generate, the reference for the "
+                             "identity check), ctranslate2, ctranslate2-int8, and transformers-bf16 where the CPU "
+                             "has native bf16")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="0: every core this process can use")
     parser.add_argument("--samples", type=int, default=1,
@@ -94,7 +97,8 @@ def main() -> None:
     from flywheel.generation import cpu_has_native_bf16
 
     engines = [e for e in args.engines.split(",") if e] or [
-        "transformers", *(["transformers-bf16"] if cpu_has_native_bf16() else []), "ctranslate2", "ctranslate2-int8"]
+        "transformers", "transformers-plain", *(["transformers-bf16"] if cpu_has_native_bf16() else []), "ctranslate2",
+        "ctranslate2-int8"]
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         raise SystemExit(f"unknown engine(s) {unknown} (available: {', '.join(ENGINES)})")
@@ -130,7 +134,7 @@ def main() -> None:
             completions, seconds = timed(engine, prompts[:asked], args.samples, params)
             tokens = sum(c.n_tokens for c in completions)
             # Prompt tokens the engine pre-fills: every row's, or each prompt's once when it shares them.
-            prefills = 1 if getattr(engine, "share_prompts", False) else args.samples
+            prefills = 1 if getattr(engine, "decoder", "") == "flywheel" else args.samples
             rows.append({"engine": engine_name, "batch_size": size, "samples": args.samples, "tokens": tokens,
                          "seconds": seconds, "tokens_per_s": tokens / seconds,
                          "prompt_tokens": prefills * sum(prompt_tokens[:asked])})

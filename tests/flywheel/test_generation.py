@@ -2,7 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.generation import SamplingParams, TransformersEngine, _cut_at_eos, make_engine, user_request
+from flywheel.generation import (
+    EngineError,
+    SamplingParams,
+    TransformersEngine,
+    _cut_at_eos,
+    make_engine,
+    user_request,
+)
 from flywheel.prompts import default_prompts
 
 MAX_NEW = 12
@@ -143,34 +150,78 @@ def test_encode_uses_the_chat_template(engine):
     assert text == "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_shared_prompt_prefill_gives_the_same_samples(engine, requests_):
+def _answers(completions):
+    return [(c.text, c.n_tokens, c.finished) for c in completions]
+
+
+def _reference(engine, requests, samples, params):
+    engine.decoder = "generate"
+    try:
+        return engine.generate(requests, samples, params)
+    finally:
+        engine.decoder = "flywheel"
+
+
+def test_decode_loop_equals_plain_generate(engine, requests_):
     # Batches of 8 rows over 3 samples per request: requests split across batch boundaries too.
     engine.batch_size = 8
+    assert _answers(engine.generate(requests_[:5], 3, GREEDY)) == _answers(_reference(engine, requests_[:5], 3, GREEDY))
+    sampled = engine.generate(requests_[:5], 3, SAMPLED)
+    assert _answers(sampled) == _answers(_reference(engine, requests_[:5], 3, SAMPLED))
+    assert len(set(_texts(sampled))) > 5
+
+
+def test_rows_leave_the_batch_at_eos_and_answers_stay_those_of_plain_generate(lively_model_dir, requests_):
+    engine = TransformersEngine(lively_model_dir, batch_size=8)
+    params = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.9, seed=5)
+    # Every 8th token id ends an answer, so rows end at different steps.
+    vocabulary = engine.model.get_output_embeddings().weight.shape[0]
+    engine.model.generation_config.eos_token_id = [engine.tokenizer.eos_token_id, *range(3, vocabulary, 8)]
+    calls: list[tuple[int, int]] = []  # (rows, tokens) of every forward pass
+    hook = engine.model.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     try:
-        shared_greedy = engine.generate(requests_[:5], 3, GREEDY)
-        shared_sampled = engine.generate(requests_[:5], 3, SAMPLED)
-        engine.share_prompts = False
-        plain_greedy = engine.generate(requests_[:5], 3, GREEDY)
-        plain_sampled = engine.generate(requests_[:5], 3, SAMPLED)
+        ours = engine.generate(requests_, 2, params)
     finally:
-        engine.share_prompts = True
-    assert [(c.text, c.n_tokens, c.finished) for c in shared_greedy] == [
-        (c.text, c.n_tokens, c.finished) for c in plain_greedy]
-    assert [(c.text, c.n_tokens, c.finished) for c in shared_sampled] == [
-        (c.text, c.n_tokens, c.finished) for c in plain_sampled]
-    assert len(set(_texts(shared_sampled))) > 5
+        hook.remove()
+    ended = [c for c in ours if c.finished]
+    assert 0 < len(ended) < len(ours) and len({c.n_tokens for c in ended}) > 2
+    # Each batch pre-fills its 4 distinct requests once; decode steps start with 8 rows and lose rows as they end.
+    prefills = [rows for rows, tokens in calls if tokens > 1]
+    steps = [rows for rows, tokens in calls if tokens == 1]
+    assert prefills == [4, 4]
+    assert max(steps) == 8 and min(steps) < 8
+    assert _answers(ours) == _answers(_reference(engine, requests_, 2, params))
+    assert all(c.n_tokens <= MAX_NEW for c in ours)
+    engine.decoder = "beam"
+    with pytest.raises(EngineError, match="unknown decoder 'beam'"):
+        engine.generate(requests_[:1], 1, GREEDY)
 
 
-def test_shared_prompt_cache_only_when_a_batch_repeats_a_request(engine):
+def test_reserved_cache_attends_like_the_dynamic_cache(engine):
     import torch
+    from transformers import DynamicCache
+
+    from flywheel.generation import reserved_cache
 
     ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    assert engine._shared_prompt_cache(ids, mask, [0, 1]) is None
-    cache = engine._shared_prompt_cache(ids[[0, 0, 1]], mask[[0, 0, 1]], [0, 0, 1])
-    assert cache.get_seq_length() == 3  # every prompt token but the last
-    keys = cache.layers[0].keys
-    assert keys.shape[0] == 3 and torch.equal(keys[0], keys[1]) and not torch.equal(keys[0], keys[2])
+    step = torch.tensor([[12], [13]])
+    outputs = {}
+    # Capacity 2 is exceeded by the pre-fill and again by the next token: growing must keep what is cached.
+    for name, cache in [("dynamic", DynamicCache()), ("reserved", reserved_cache(6)), ("grown", reserved_cache(2))]:
+        with torch.inference_mode():
+            first = engine.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            cache.batch_select_indices(torch.tensor([1, 1, 0]))
+            second = engine.model(input_ids=step[[1, 1, 0]], attention_mask=torch.cat(
+                [mask[[1, 1, 0]], torch.ones(3, 1, dtype=torch.long)], dim=-1), past_key_values=cache,
+                use_cache=True).logits
+        outputs[name] = (first, second, cache.get_seq_length())
+    for name in ("reserved", "grown"):
+        assert torch.equal(outputs[name][0], outputs["dynamic"][0])
+        assert torch.equal(outputs[name][1], outputs["dynamic"][1])
+        assert outputs[name][2] == 5
+    assert torch.equal(outputs["dynamic"][1][0], outputs["dynamic"][1][1])
 
 
 def test_precision_resolves_per_device(monkeypatch):
@@ -283,12 +334,12 @@ def test_nucleus_sampler_refuses_greedy():
 def test_fast_sampling_and_transformers_sampling_are_both_reproducible(engine, requests_):
     params = SAMPLED.model_copy(update={"temperature": 0.8, "top_p": 0.9})
     fast = engine.generate(requests_[:4], 3, params)
-    engine.fast_sampling = False
+    engine.fast_sampling, engine.decoder = False, "generate"
     try:
         warpers = engine.generate(requests_[:4], 3, params)
         warpers_again = engine.generate(requests_[:4], 3, params)
     finally:
-        engine.fast_sampling = True
+        engine.fast_sampling, engine.decoder = True, "flywheel"
     assert _texts(fast) == _texts(engine.generate(requests_[:4], 3, params))
     assert _texts(warpers) == _texts(warpers_again)
     assert len(set(_texts(fast))) > 3 and len(set(_texts(warpers))) > 3

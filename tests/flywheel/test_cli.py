@@ -100,3 +100,45 @@ def test_summary_shows_each_gain_with_its_interval():
                                             f"p=0.50")
     assert rows["instruction gain (95% CI)"].startswith("+0.167 (")
     assert "prompt gain (95% CI)" not in summary_rows(NS(**{**vars(record), "evaluation": None, "trained": None}))
+
+
+@pytest.mark.parametrize("outcome", ["answers", "fails"])
+def test_embedded_api_starts_in_the_background_and_its_failure_reaches_the_caller(monkeypatch, outcome):
+    import threading
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flywheel.cli import _start_embedded_api
+
+    started = threading.Event()
+    threads: list[str] = []
+
+    def fake_start(self, timeout=None):
+        threads.append(threading.current_thread().name)
+        started.wait(5)  # still booting while the caller goes on
+        if outcome == "fails":
+            raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+
+    monkeypatch.setattr(SubprocessASGIServer, "start", fake_start)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        wait = _start_embedded_api()
+    assert wait is not None
+    started.set()
+    if outcome == "fails":
+        with pytest.raises(RuntimeError, match="Timed out"):
+            wait()
+    else:
+        wait()
+    assert threads == ["prefect-api-start"]
+
+
+def test_no_embedded_api_when_a_server_is_configured(monkeypatch):
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flywheel.cli import _start_embedded_api
+
+    monkeypatch.setattr(SubprocessASGIServer, "start", lambda self, timeout=None: pytest.fail("started a server"))
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert _start_embedded_api() is None

@@ -138,7 +138,7 @@ def train_reward_model(base_dir: Path, pairs: list[dict], output_dir: Path, conf
     from trl import RewardConfig, RewardTrainer
 
     from flywheel.models import resolve_device, save_model
-    from flywheel.training import _precision
+    from flywheel.training import _precision, checkpointing_argument
 
     if not pairs:
         raise RewardModelError("no preference pairs to train a reward model on: run a round that builds pairs first")
@@ -163,7 +163,7 @@ def train_reward_model(base_dir: Path, pairs: list[dict], output_dir: Path, conf
             logging_steps=1, save_strategy="no", report_to="none", seed=seed, disable_tqdm=True,
             dataloader_num_workers=0, use_cpu=device == "cpu",
             # RewardConfig defaults bf16 and gradient checkpointing on; take them from the project's config.
-            bf16=precision == "bf16", gradient_checkpointing=config.gradient_checkpointing,
+            bf16=precision == "bf16", **checkpointing_argument(config.gradient_checkpointing),
             # Keeps rewards near zero, so the judge's default threshold 0 separates better from worse.
             center_rewards_coefficient=0.01,
         )

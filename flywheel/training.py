@@ -69,6 +69,18 @@ def _precision(config: TrainingConfig, device: str) -> str:
     return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def checkpointing_argument(enabled: bool) -> dict[str, bool]:
+    """The training arguments' checkpointing switch under its name in the installed transformers: 5.25 renamed
+    ``gradient_checkpointing`` to ``activation_checkpointing`` and warns on the old name; earlier 5.x know only the
+    old one."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
 def _metrics_callback(sink: MetricSink):
     from transformers import TrainerCallback
 
@@ -166,7 +178,7 @@ def train(
         use_cpu=device == "cpu",
         disable_tqdm=False,
         dataloader_num_workers=0,
-        gradient_checkpointing=config.gradient_checkpointing,
+        **checkpointing_argument(config.gradient_checkpointing),
     )
     peft_config = None
     if config.lora.enabled:

@@ -252,3 +252,17 @@ def test_training_without_checkpoint_dir_saves_no_checkpoints(tiny_model_dir, tm
     config = TrainingConfig(method="sft", checkpoint_steps=1, **FAST)
     train(tiny_model_dir, SFT_ROWS, config, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_checkpointing_switch_takes_the_installed_transformers_name(tmp_path, enabled):
+    import warnings
+
+    from trl import DPOConfig
+
+    from flywheel.training import checkpointing_argument
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the deprecated name would warn
+        args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **checkpointing_argument(enabled))
+    assert args.gradient_checkpointing is enabled

@@ -171,6 +171,15 @@ def test_decode_loop_equals_plain_generate(engine, requests_):
     assert len(set(_texts(sampled))) > 5
 
 
+def test_answers_longer_than_the_reserve_grow_the_cache_and_stay_those_of_plain_generate(engine, requests_,
+                                                                                       monkeypatch):
+    import flywheel.generation
+
+    monkeypatch.setattr(flywheel.generation, "RESERVE_STEP", 3)  # a dozen new tokens grow the cache four times
+    assert _answers(engine.generate(requests_[:3], 2, SAMPLED)) == _answers(_reference(engine, requests_[:3], 2,
+                                                                                       SAMPLED))
+
+
 def test_rows_leave_the_batch_at_eos_and_answers_stay_those_of_plain_generate(lively_model_dir, requests_):
     engine = TransformersEngine(lively_model_dir, batch_size=8)
     params = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.9, seed=5)

@@ -101,7 +101,10 @@ def _start_embedded_api() -> Callable[[], None] | None:
 
     if PREFECT_API_URL.value():
         return None
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.server.api.server import SubprocessASGIServer
+
+    ensure_logging_setup()  # Prefect's own line with the server's address reaches the terminal, as it did before
 
     server = SubprocessASGIServer()
     failures: list[BaseException] = []

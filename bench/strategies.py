@@ -13,7 +13,8 @@ bench/out/strategies.png and logs the table to MLflow.
                                          [--builtin-prompts 1024]
 
 ``--prompts``, ``--eval-limit``, ``--max-new-tokens`` and ``--builtin-prompts`` override the recipes (smaller:
-faster, noisier).
+faster, noisier); ``--set section.field=value`` (repeatable, the value read as YAML) overrides any other field, to
+measure a variant of a recipe without writing one (``--set training.kl_weight=0``).
 """
 
 from __future__ import annotations
@@ -58,9 +59,26 @@ def recipe_for(strategy: str, workspace: Path, args: argparse.Namespace) -> Path
     if args.max_new_tokens:
         data.setdefault("generation", {})["max_new_tokens"] = args.max_new_tokens
         data.setdefault("evaluation", {})["max_new_tokens"] = args.max_new_tokens
+    apply_overrides(data, args.set)
     path = workspace / f"bench-{strategy}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> None:
+    """``section.field=value`` items into the recipe's nested mapping; the value is read as YAML (numbers, lists,
+    null). The round's config loader checks the result, so a misspelt field fails the first round, loudly."""
+    for item in overrides:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise SystemExit(f"--set {item!r}: expected section.field=value")
+        *sections, field = key.split(".")
+        node = data
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"--set {item!r}: {section} is not a section")
+        node[field] = yaml.safe_load(value)
 
 
 def run_round(recipe: Path, workspace: Path) -> float:
@@ -134,6 +152,8 @@ def main() -> None:
                         help="synthesized prompt pool (0: the recipe's); 1024 holds out about 256, so --eval-limit "
                              "192 scores four times the default's 48 held-out prompts (a superset of them)")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="answer length (0: the recipe's)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a recipe field (repeatable), e.g. --set promotion.gain_metric=instruction")
     parser.add_argument("--workspace", type=Path, default=Path("/tmp/flywheel-bench-strategies"))
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args()
@@ -184,7 +204,7 @@ def main() -> None:
     print(f"load: before {common.load_note(load_before)}; after {common.load_note(load_after)}")
     settings = {"rounds": args.rounds, "prompts": args.prompts or "recipe", "eval_limit": args.eval_limit or "recipe",
                 "builtin_prompts": args.builtin_prompts or "recipe",
-                "max_new_tokens": args.max_new_tokens or "recipe"}
+                "max_new_tokens": args.max_new_tokens or "recipe", "overrides": args.set}
     path = common.write_json("strategies", {"settings": settings, "base": base, "rows": rows, "table": text,
                                             "load": {"before": load_before, "after": load_after}})
     plot = plot_rows(rows, base)

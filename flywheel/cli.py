@@ -65,12 +65,12 @@ def run(config: ConfigOption = None, workspace: WorkspaceOption = None,
         preflight(cfg, ws)
     except _user_errors() as error:
         _fail(str(error))
-    api_started = _start_embedded_api()
+    wait_for_api = _start_embedded_api()
     from flows.flywheel import flywheel
 
-    if api_started is not None:
+    if wait_for_api is not None:
         _import_round_libraries()
-        api_started()
+        wait_for_api()
     _terminal_without_user_tracebacks()
     try:
         records = flywheel(cfg, rounds=rounds, workspace=str(ws.root), wait=wait, restart=restart)

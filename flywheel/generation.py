@@ -162,10 +162,11 @@ class TransformersEngine:
         answers: list[list[int]] = [[] for _ in range(rows)]
         sampling = params.temperature > 0
         for step in range(params.max_new_tokens):
-            draws = torch.rand((rows, 1), device=ids.device) if sampling else None
-            index = torch.tensor(in_cache, device=ids.device)
-            chosen = draw_tokens(logits.float(), params.temperature, params.top_p, draws[index]) if sampling \
-                else logits.argmax(dim=-1, keepdim=True)
+            if sampling:
+                draws = torch.rand((rows, 1), device=ids.device)[torch.tensor(in_cache, device=ids.device)]
+                chosen = draw_tokens(logits.float(), params.temperature, params.top_p, draws)
+            else:
+                chosen = logits.argmax(dim=-1, keepdim=True)
             for row, token in zip(in_cache, chosen[:, 0].tolist()):
                 if not running[row]:
                     continue
@@ -175,8 +176,8 @@ class TransformersEngine:
                     answers[row].append(token)
             if step == params.max_new_tokens - 1 or not any(running):
                 break
-            stopped = [k for k, row in enumerate(in_cache) if not running[row]]
-            if stopped and len(stopped) * 8 >= len(in_cache):
+            stopped = sum(not running[row] for row in in_cache)
+            if stopped and stopped * 8 >= len(in_cache):
                 keep = [k for k, row in enumerate(in_cache) if running[row]]
                 selected = torch.tensor(keep, device=ids.device)
                 cache.batch_select_indices(selected)
@@ -295,6 +296,7 @@ def _reserved_layer_class():
         def _select(self, rows) -> None:
             """Keep the given batch rows (repeats allowed), copying only the filled positions."""
             if self.key_buffer is not None:
+                rows = rows.to(self.key_buffer.device)
                 self.key_buffer = self._rows(self.key_buffer, rows)
                 self.value_buffer = self._rows(self.value_buffer, rows)
                 self._refresh()
@@ -307,14 +309,13 @@ def _reserved_layer_class():
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             if self.key_buffer is not None:
-                self._select(torch.arange(self.key_buffer.shape[0], device=self.key_buffer.device)
-                             .repeat_interleave(repeats))
+                self._select(torch.arange(self.key_buffer.shape[0]).repeat_interleave(repeats))
 
         def batch_select_indices(self, indices) -> None:
-            self._select(indices.to(self.key_buffer.device) if self.key_buffer is not None else indices)
+            self._select(indices)
 
         def reorder_cache(self, beam_idx) -> None:
-            self.batch_select_indices(beam_idx)
+            self._select(beam_idx)
 
     return ReservedLayer
 

@@ -9,7 +9,9 @@ processes, prompt and answer: model FLOPs utilization, attention still left out)
 
 With ``--samples K`` each batch of B rows answers B / K prompts K times with the round's sampling (temperature,
 top_p 0.95, seed 0), the workload of a round's generate stage. ``transformers`` is the engine (its own decode loop:
-each prompt pre-filled once for its K samples, KV cache written in place, finished rows leave the batch);
+each prompt pre-filled once for its K samples and its keys and values read once a step for all of them, KV cache
+written in place, finished rows leave the batch); ``transformers-copied`` is the same loop with the prompt's cache
+copied to each sample's row (the engine before shared prompts: sdpa over each row's whole sequence);
 ``transformers-plain`` is plain ``model.generate`` (every row pre-fills, transformers' DynamicCache, rows run until
 the batch's longest answer ends), the reference: the identity check compares each engine's answers with
 ``transformers-plain``'s, greedy and sampled. Both draw with the engine's ``NucleusSampler``;
@@ -38,6 +40,7 @@ import common  # noqa: E402
 # engine's answers are compared with.
 ENGINES = {
     "transformers": ("transformers", "float32"),
+    "transformers-copied": ("transformers", "float32"),  # the loop, each sample's row with its own prompt cache
     "transformers-plain": ("transformers", "float32"),
     "transformers-warpers": ("transformers", "float32"),  # transformers' top-p sort and multinomial
     "transformers-bf16": ("transformers", "bfloat16"),  # generation.precision: bf16 (CPUs with native bf16)
@@ -55,6 +58,7 @@ def build(engine: str, model_dir: Path, batch_size: int, threads: int):
                             precision="bf16" if compute_type == "bfloat16" else "fp32")
         built.decoder = "generate" if engine in ("transformers-plain", "transformers-warpers") else "flywheel"
         built.fast_sampling = engine != "transformers-warpers"
+        built.shared_prompts = built.shared_prompts and engine != "transformers-copied"
         return built
     built = make_engine(name, model_dir, "cpu", batch_size, compute_type=compute_type, threads=threads,
                         cache_dir=common.OUT / "ctranslate2")
@@ -78,7 +82,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="0: every core this process can use")
     parser.add_argument("--samples", type=int, default=1,
                         help="samples per prompt: a batch of B rows answers B / samples prompts (the round's "
-                             "workload: configs/default.yaml draws 4); above 1, --temperature applies")
+                             "workload: configs/default.yaml draws 4); above 1, --temperature applies (0: greedy, "
+                             "the samples of a prompt then all equal plain generate's answer)")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
     parser.add_argument("--prompts", type=int, default=0,
                         help="prompts every batch size answers (0: one batch's worth, batch / samples): with "
@@ -176,7 +181,8 @@ def main() -> None:
         ("ratio_bf16", "of bf16 ceiling", ".1%"),
     ])
     for engine_name, result in identity.items():
-        kind = "greedy" if args.samples == 1 else f"sampled (seed 0, {args.samples} per prompt)"
+        kind = "greedy" if params.temperature == 0 else "sampled (seed 0)"
+        kind += f", {args.samples} per prompt" if args.samples > 1 else ""
         print(f"{kind} identity, {engine_name} vs {reference_name} on {result['prompts']} answers x "
               f"{args.new_tokens} tokens: {result['identical']}/{result['prompts']} identical (text, tokens, finished)")
     for engine_name, seconds in setup.items():

@@ -57,9 +57,10 @@ class TransformersEngine:
     """Batched generation with a transformers model on CPU or GPU, sorted by prompt length so padding stays small.
 
     The engine runs its own decode loop over the model's forward pass (``_decode``) rather than ``model.generate``:
-    each distinct prompt is pre-filled once however many samples it has, the KV cache is written in place
-    (``reserved_cache``), sampling never sorts the vocabulary (``nucleus``), and rows that have produced EOS leave the
-    batch instead of being computed until the batch's longest answer ends. ``decoder = "generate"`` runs plain
+    each distinct prompt is pre-filled once however many samples it has and its keys and values are read once a
+    step for all of them (``flywheel.shared_prompt``), the KV cache is written in place (``reserved_cache``),
+    sampling never sorts the vocabulary (``nucleus``), and rows that have produced EOS leave the batch instead of
+    being computed until the batch's longest answer ends. ``decoder = "generate"`` runs plain
     ``model.generate`` instead, every row pre-filling its own prompt: the reference the loop's answers are checked
     against (tests, ``bench/generation.py``), identical for a given seed.
     """
@@ -78,6 +79,11 @@ class TransformersEngine:
         self.tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
         dtype = "bfloat16" if self.precision == "bf16" else "float32"
         self.model = load_model(model_dir, device=device, dtype=dtype).eval()
+        from flywheel import shared_prompt
+
+        # Samples of one prompt read its keys and values once per decode step (flywheel.shared_prompt); False: each
+        # row its own copy, as before (bench/generation.py measures both).
+        self.shared_prompts = shared_prompt.enable(self.model)
         # transformers 5.25 renamed forward's ``past_key_values`` to ``cache`` (the old name warns until 5.40).
         import inspect
 
@@ -131,30 +137,39 @@ class TransformersEngine:
         """Each row's new tokens (EOS excluded) and whether it ended with EOS, for one left-padded batch.
 
         Samples of one request sit next to each other (``length_sorted_jobs``) and share their prompt, so the
-        pre-fill runs once per distinct request and its cache and last logits are copied to each sample's row:
-        with 4 samples of ~70-token prompts and ~96 new tokens, pre-filling every row would repeat about a fifth of
-        the batch's compute. Rows that produce EOS stop there; they leave the cache once they are an eighth of the
-        rows still in it (dropping them copies the cache, so one at a time would cost more than it saves).
+        pre-fill runs once per distinct request (with 4 samples of ~70-token prompts and ~96 new tokens, pre-filling
+        every row would repeat about a fifth of the batch's compute), and its cache stays one copy that the samples'
+        attention reads together (``shared_prompts``; otherwise it is copied to each sample's row). Rows that produce
+        EOS stop there; they leave the cache once they are an eighth of the rows still in it (dropping them copies
+        the cache, so one at a time would cost more than it saves).
 
         Draws: one uniform number per batch row every step while any row runs, in batch order, whether or not the
         row still runs — the numbers ``model.generate`` with ``NucleusSampler`` draws — so a row's answer does not
-        depend on when other rows finish, and equals the reference path's.
+        depend on when other rows finish, and equals the reference path's (with shared prompts, up to the rare draw
+        that lands within float rounding of a boundary between two tokens: 255 of 256 answers in bench/README.md).
         """
         import torch
 
+        from flywheel.shared_prompt import shared_prompt_cache
+
         rows, width = ids.shape
-        cache = reserved_cache(width + min(params.max_new_tokens, RESERVE_STEP))
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         first_row: dict[int, int] = {}
         for row, request in enumerate(request_of_row):
             first_row.setdefault(request, row)
+        shared = self.shared_prompts and len(first_row) < rows
+        cache = shared_prompt_cache(width) if shared else reserved_cache(width + min(params.max_new_tokens,
+                                                                                    RESERVE_STEP))
         unique = torch.tensor(list(first_row.values()), device=ids.device)
         logits = self.model(input_ids=ids[unique], attention_mask=mask[unique], position_ids=positions[unique],
                             use_cache=True, logits_to_keep=1, **{self._cache_argument: cache}).logits[:, -1, :]
         if len(first_row) < rows:
             slot = {request: n for n, request in enumerate(first_row)}
             expand = torch.tensor([slot[r] for r in request_of_row], device=ids.device)
-            cache.batch_select_indices(expand)
+            if shared:
+                cache.share(request_of_row, mask[unique], min(params.max_new_tokens, RESERVE_STEP))
+            else:
+                cache.batch_select_indices(expand)
             logits = logits[expand]
         next_position = mask.sum(-1, keepdim=True)
         in_cache = list(range(rows))  # batch row of each cache row
@@ -180,12 +195,23 @@ class TransformersEngine:
             if stopped and stopped * 8 >= len(in_cache):
                 keep = [k for k, row in enumerate(in_cache) if running[row]]
                 selected = torch.tensor(keep, device=ids.device)
-                cache.batch_select_indices(selected)
-                mask, next_position, chosen = mask[selected], next_position[selected], chosen[selected]
+                if shared:
+                    cache.keep_rows(selected)
+                else:
+                    cache.batch_select_indices(selected)
+                    mask = mask[selected]
+                next_position, chosen = next_position[selected], chosen[selected]
                 in_cache = [in_cache[k] for k in keep]
-            mask = torch.cat([mask, mask.new_ones((len(in_cache), 1))], dim=-1)
-            logits = self.model(input_ids=chosen, attention_mask=mask, position_ids=next_position,
-                                use_cache=True, **{self._cache_argument: cache}).logits[:, -1, :]
+            if shared:  # the cache holds the prompts' padding; a row's own tokens are never padded
+                logits = self.model(input_ids=chosen, position_ids=next_position, use_cache=True, shared_prompt=cache,
+                                    **{self._cache_argument: cache}).logits[:, -1, :]
+                if cache.unattended():
+                    raise EngineError(f"{type(self.model).__name__}'s attention does not go through transformers' "
+                                      "attention interface: set engine.shared_prompts = False")
+            else:
+                mask = torch.cat([mask, mask.new_ones((len(in_cache), 1))], dim=-1)
+                logits = self.model(input_ids=chosen, attention_mask=mask, position_ids=next_position,
+                                    use_cache=True, **{self._cache_argument: cache}).logits[:, -1, :]
             next_position = next_position + 1
         return [(answer, not still) for answer, still in zip(answers, running)]
 

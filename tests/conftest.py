@@ -18,6 +18,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def lively_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with larger layer weights, so that its answers depend on the prompt (tests/support/tiny.py)."""
+    from tiny import build_lively_model
+
+    return build_lively_model(tiny_model_dir, tmp_path_factory.mktemp("models") / "lively")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For modules that run tiny models (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): a tiny model

@@ -17,12 +17,6 @@ SAMPLED = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.95, se
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def lively_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    from tiny import build_lively_model
-
-    return build_lively_model(tiny_model_dir, tmp_path_factory.mktemp("models") / "lively")
-
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:

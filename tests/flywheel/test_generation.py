@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 
 from flywheel.generation import (
@@ -17,12 +15,6 @@ MAX_NEW = 12
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(scope="module")
-def lively_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    from tiny import build_lively_model
-
-    return build_lively_model(tiny_model_dir, tmp_path_factory.mktemp("models") / "lively")
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +154,26 @@ def _reference(engine, requests, samples, params):
         engine.decoder = "flywheel"
 
 
+@pytest.fixture
+def copied_prompts(engine):
+    """Each sample's row gets its own copy of the prompt's cache: the loop's attention is then sdpa's over the
+    same values as plain generate's, so sampled answers are identical too. Shared prompts (the default,
+    flywheel.shared_prompt) add the same terms in another order: logits equal to about 1e-7, which can move a draw
+    that lands on a boundary between two tokens, so sampled comparisons with the reference use copies; greedy
+    ones run both."""
+    engine.shared_prompts = False
+    yield engine
+    engine.shared_prompts = True
+
+
 def test_decode_loop_equals_plain_generate(engine, requests_):
     # Batches of 8 rows over 3 samples per request: requests split across batch boundaries too.
+    engine.batch_size = 8
+    assert _answers(engine.generate(requests_[:5], 3, GREEDY)) == _answers(_reference(engine, requests_[:5], 3, GREEDY))
+
+
+def test_decode_loop_samples_as_plain_generate(copied_prompts, requests_):
+    engine = copied_prompts
     engine.batch_size = 8
     assert _answers(engine.generate(requests_[:5], 3, GREEDY)) == _answers(_reference(engine, requests_[:5], 3, GREEDY))
     sampled = engine.generate(requests_[:5], 3, SAMPLED)
@@ -171,18 +181,23 @@ def test_decode_loop_equals_plain_generate(engine, requests_):
     assert len(set(_texts(sampled))) > 5
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "copied"])
 def test_answers_longer_than_the_reserve_grow_the_cache_and_stay_those_of_plain_generate(engine, requests_,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, shared):
     import flywheel.generation
 
     monkeypatch.setattr(flywheel.generation, "RESERVE_STEP", 3)  # a dozen new tokens grow the cache four times
-    assert _answers(engine.generate(requests_[:3], 2, SAMPLED)) == _answers(_reference(engine, requests_[:3], 2,
-                                                                                       SAMPLED))
+    monkeypatch.setattr(engine, "shared_prompts", shared)
+    params = GREEDY if shared else SAMPLED
+    assert _answers(engine.generate(requests_[:3], 2, params)) == _answers(_reference(engine, requests_[:3], 2,
+                                                                                      params))
 
 
-def test_rows_leave_the_batch_at_eos_and_answers_stay_those_of_plain_generate(lively_model_dir, requests_):
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "copied"])
+def test_rows_leave_the_batch_at_eos_and_answers_stay_those_of_plain_generate(lively_model_dir, requests_, shared):
     engine = TransformersEngine(lively_model_dir, batch_size=8)
-    params = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.9, seed=5)
+    engine.shared_prompts = shared
+    params = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0 if shared else 1.0, top_p=0.9, seed=5)
     # Every 8th token id ends an answer, so rows end at different steps.
     vocabulary = engine.model.get_output_embeddings().weight.shape[0]
     engine.model.generation_config.eos_token_id = [engine.tokenizer.eos_token_id, *range(3, vocabulary, 8)]

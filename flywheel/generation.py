@@ -82,8 +82,9 @@ class TransformersEngine:
         from flywheel import shared_prompt
 
         # Samples of one prompt read its keys and values once per decode step (flywheel.shared_prompt); False: each
-        # row its own copy, as before (bench/generation.py measures both).
-        self.shared_prompts = shared_prompt.enable(self.model)
+        # row its own copy, as before (bench/generation.py measures both). fp32 only: its scores and softmax run in
+        # the model's dtype, where sdpa accumulates bf16 in fp32.
+        self.shared_prompts = self.precision == "fp32" and shared_prompt.enable(self.model)
         # transformers 5.25 renamed forward's ``past_key_values`` to ``cache`` (the old name warns until 5.40).
         import inspect
 

@@ -271,9 +271,11 @@ def test_bf16_engine_on_a_cpu_with_native_bf16(lively_model_dir, requests_, monk
     monkeypatch.setattr(generation, "cpu_has_native_bf16", lambda: True)  # the tiny model is cheap even if emulated
     engine = make_engine("transformers", lively_model_dir, "cpu", 8, precision="bf16")
     assert engine.precision == "bf16" and next(engine.model.parameters()).dtype == torch.bfloat16
+    assert not engine.shared_prompts and engine.model.config._attn_implementation == "sdpa"  # fp32 only
     completions = engine.generate(requests_[:3], 1, GREEDY)
     assert len(completions) == 3 and all(c.n_tokens > 0 for c in completions)
-    assert next(make_engine("transformers", lively_model_dir, "cpu", 8).model.parameters()).dtype == torch.float32
+    fp32 = make_engine("transformers", lively_model_dir, "cpu", 8)
+    assert next(fp32.model.parameters()).dtype == torch.float32 and fp32.shared_prompts
 
 
 def test_precision_is_the_transformers_engines():

@@ -4,8 +4,10 @@ measured in the same run, and whether each engine's greedy outputs equal plain t
 Each batch size answers that many prompts (greedy, one sample each, up to --new-tokens tokens) in one batch; the
 figure is generated tokens (EOS excluded) over wall time. The ceiling is matmul FLOP/s (fp32, bf16) divided by the
 FLOPs one generated token needs, 2 x parameters (prompt processing and attention over the cache are not counted, so
-no engine can reach 100%). A second ratio counts the prompt tokens too (2 x parameters for every token the model
-processes, prompt and answer: model FLOPs utilization, attention still left out); the first is the headline figure.
+no engine can reach 100%); each row's fp32 ratio uses the mean of fp32 matmul measurements taken right before and
+right after that row, as this host's speed drifts within minutes. A second ratio counts the prompt tokens too (2 x
+parameters for every token the model processes, prompt and answer: model FLOPs utilization, attention still left
+out); the first is the headline figure.
 
 With ``--samples K`` each batch of B rows answers B / K prompts K times with the round's sampling (temperature,
 top_p 0.95, seed 0), the workload of a round's generate stage. ``transformers`` is the engine (its own decode loop:
@@ -128,6 +130,9 @@ def main() -> None:
     tokenizer = load_tokenizer(model_dir)
     prompt_tokens = [len(encode_request(tokenizer, r)) for r in prompts]
     rows, outputs, setup = [], {}, {}
+    # This host's speed drifts by 10-20% within minutes, so each row is set against an fp32 ceiling measured right
+    # before and right after it (the mean of the two), not only at the start and the end of the whole run.
+    last_fp32 = ceiling_before["fp32_flops"]
     for engine_name in engines:
         started = time.perf_counter()
         engine = build(engine_name, model_dir, max(sizes), threads)
@@ -140,9 +145,12 @@ def main() -> None:
             tokens = sum(c.n_tokens for c in completions)
             # Prompt tokens the engine pre-fills: every row's, or each prompt's once when it shares them.
             prefills = 1 if getattr(engine, "decoder", "") == "flywheel" else args.samples
+            next_fp32 = common.matmul_flops("float32")
             rows.append({"engine": engine_name, "batch_size": size, "samples": args.samples, "tokens": tokens,
                          "seconds": seconds, "tokens_per_s": tokens / seconds,
-                         "prompt_tokens": prefills * sum(prompt_tokens[:asked])})
+                         "prompt_tokens": prefills * sum(prompt_tokens[:asked]),
+                         "fp32_flops": (last_fp32 + next_fp32) / 2})
+            last_fp32 = next_fp32
             print(f"  {engine_name:18} batch {size:3}: {tokens:6} tokens in {seconds:7.1f} s = "
                   f"{tokens / seconds:7.1f} tokens/s", flush=True)
             if size == max(sizes):
@@ -150,15 +158,16 @@ def main() -> None:
         del engine
     ceiling_after = common.ceilings()
     load_after = common.machine_load()
-    # Load changes while the engines run: the ceiling is the mean of the measurements before and after them.
+    # The run's ceilings (plot, summary): the mean of the measurements before and after all engines.
     fp32 = (ceiling_before["fp32_flops"] + ceiling_after["fp32_flops"]) / 2
     bf16 = (ceiling_before["bf16_flops"] + ceiling_after["bf16_flops"]) / 2
     fp32_ceiling, bf16_ceiling = fp32 / flops_per_token, bf16 / flops_per_token
     for row in rows:
-        row["fp32_ceiling_tokens_per_s"] = fp32_ceiling
-        row["ratio_fp32"] = row["tokens_per_s"] / fp32_ceiling
+        row_ceiling = row["fp32_flops"] / flops_per_token
+        row["fp32_ceiling_tokens_per_s"] = row_ceiling
+        row["ratio_fp32"] = row["tokens_per_s"] / row_ceiling
         row["ratio_bf16"] = row["tokens_per_s"] / bf16_ceiling
-        row["ratio_fp32_with_prompt"] = (row["tokens"] + row["prompt_tokens"]) / row["seconds"] / fp32_ceiling
+        row["ratio_fp32_with_prompt"] = (row["tokens"] + row["prompt_tokens"]) / row["seconds"] / row_ceiling
 
     identity = {}
     reference_name = "transformers-plain" if "transformers-plain" in outputs else "transformers"
@@ -177,7 +186,8 @@ def main() -> None:
     print(f"load: before {common.load_note(load_before)}; after {common.load_note(load_after)}\n")
     table = common.print_table(rows, [
         ("engine", "engine", ""), ("batch_size", "batch", "d"), ("tokens_per_s", "tokens/s", ".1f"),
-        ("ratio_fp32", "of fp32 ceiling", ".1%"), ("ratio_fp32_with_prompt", "of fp32, prompt tokens counted", ".1%"),
+        ("fp32_ceiling_tokens_per_s", "fp32 ceiling around the row", ".0f"), ("ratio_fp32", "of fp32 ceiling", ".1%"),
+        ("ratio_fp32_with_prompt", "of fp32, prompt tokens counted", ".1%"),
         ("ratio_bf16", "of bf16 ceiling", ".1%"),
     ])
     for engine_name, result in identity.items():

@@ -231,16 +231,16 @@ def plot(rows: list[dict], fp32_ceiling: float, bf16_ceiling: float, load: dict,
         bars = ax.bar([r["engine"] for r in rows], [r["tokens_per_s"] for r in rows], color="tab:blue")
         ax.bar_label(bars, labels=[f"{r['tokens_per_s']:.0f} ({r['ratio_fp32']:.1%})" for r in rows], fontsize=8)
         ax.set_xlabel(f"engine, batch {sizes[0]}")
-    for engine_name in dict.fromkeys(r["engine"] for r in rows) if len(sizes) > 1 else ():
-        mine = [r for r in rows if r["engine"] == engine_name]
-        ax.plot([r["batch_size"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o", label=engine_name)
+    else:
+        for engine_name in dict.fromkeys(r["engine"] for r in rows):
+            mine = [r for r in rows if r["engine"] == engine_name]
+            ax.plot([r["batch_size"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o", label=engine_name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
     ax.axhline(fp32_ceiling, color="black", linestyle="--", label=f"fp32 ceiling ({fp32_ceiling:.0f})")
     ax.axhline(0.4 * fp32_ceiling, color="grey", linestyle=":", label="40% of fp32 ceiling")
     if bf16_ceiling < fp32_ceiling * 3:
         ax.axhline(bf16_ceiling, color="brown", linestyle="--", label=f"bf16 ceiling ({bf16_ceiling:.0f})")
-    if len(sizes) > 1:
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
     ax.set_ylabel("generated tokens/s")
     ax.set_title(f"SmolLM2-135M generation on CPU ({threads} of {load['cores']} cores, load {load['load_1m']})")
     ax.legend(fontsize=8)

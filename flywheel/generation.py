@@ -159,8 +159,8 @@ class TransformersEngine:
         for row, request in enumerate(request_of_row):
             first_row.setdefault(request, row)
         shared = self.shared_prompts and len(first_row) < rows
-        cache = shared_prompt_cache(width) if shared else reserved_cache(width + min(params.max_new_tokens,
-                                                                                    RESERVE_STEP))
+        reserve = min(params.max_new_tokens, RESERVE_STEP)  # new tokens' room before the cache grows
+        cache = shared_prompt_cache(width) if shared else reserved_cache(width + reserve)
         unique = torch.tensor(list(first_row.values()), device=ids.device)
         logits = self.model(input_ids=ids[unique], attention_mask=mask[unique], position_ids=positions[unique],
                             use_cache=True, logits_to_keep=1, **{self._cache_argument: cache}).logits[:, -1, :]
@@ -168,7 +168,7 @@ class TransformersEngine:
             slot = {request: n for n, request in enumerate(first_row)}
             expand = torch.tensor([slot[r] for r in request_of_row], device=ids.device)
             if shared:
-                cache.share(request_of_row, mask[unique], min(params.max_new_tokens, RESERVE_STEP))
+                cache.share(request_of_row, mask[unique], reserve)
             else:
                 cache.batch_select_indices(expand)
             logits = logits[expand]

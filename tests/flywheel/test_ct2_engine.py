@@ -17,7 +17,6 @@ SAMPLED = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.95, se
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ct2-cache")

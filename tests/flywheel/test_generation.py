@@ -16,7 +16,6 @@ MAX_NEW = 12
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
 @pytest.fixture(scope="module")
 def engine(lively_model_dir) -> TransformersEngine:
     return TransformersEngine(lively_model_dir, device="cpu", batch_size=8)

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def run_round(config: Path, workspace: Path, api_url: str | None = None) -> float:
+def run_round(config: Path, workspace: Path, api_url: str | None = None) -> tuple[float, datetime, datetime]:
+    """The process's wall seconds, and when it started and ended (UTC, to place the flow runs within it)."""
     env = dict(os.environ, PREFECT_HOME=str(workspace / ".flywheel" / "prefect"), FLYWHEEL_WORKSPACE=str(workspace))
     env.pop("PREFECT_API_URL", None)
     if api_url:  # a running Prefect server, as scheduled rounds use: no embedded API to start and stop
         env["PREFECT_API_URL"] = api_url
-    started = time.perf_counter()
+    started, began = time.perf_counter(), datetime.now(timezone.utc)
     subprocess.run([sys.executable, "-m", "flywheel.cli", "run", "--config", str(config), "--workspace",
                     str(workspace)], check=True, env=env, cwd=workspace)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, began, datetime.now(timezone.utc)
 
 
-def stage_times(workspace: Path, api_url: str | None = None) -> tuple[list[tuple[str, float]], float]:
+def stage_times(workspace: Path, api_url: str | None = None) -> tuple[list[tuple[str, float]], float, tuple]:
+    """Each task's seconds, the round flow run's seconds, and the outer ``flywheel`` run's start and end."""
     from flywheel.workspace import quiet_environment
 
     os.environ.update(quiet_environment())
@@ -57,11 +60,15 @@ def stage_times(workspace: Path, api_url: str | None = None) -> tuple[list[tuple
         if not runs:
             raise SystemExit("no flywheel-round run found in the workspace's Prefect database")
         flow_run = runs[0]
+        outer = flow_run  # the round is a subflow of `flywheel` when run by the CLI
+        if flow_run.parent_task_run_id is not None:
+            outer = client.read_flow_run(client.read_task_run(flow_run.parent_task_run_id).flow_run_id)
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
     stages = sorted(((t.name.rsplit("-", 1)[0], t.start_time, t.end_time) for t in tasks if t.start_time and t.end_time),
                     key=lambda item: item[1])
     flow_seconds = (flow_run.end_time - flow_run.start_time).total_seconds()
-    return [(name, (end - start).total_seconds()) for name, start, end in stages], flow_seconds
+    return ([(name, (end - start).total_seconds()) for name, start, end in stages], flow_seconds,
+            (outer.start_time, outer.end_time))
 
 
 def orchestration_overhead(workspace: Path, stages: dict[str, float], wall: float) -> dict:
@@ -103,11 +110,16 @@ def main() -> None:
     args.workspace.mkdir(parents=True, exist_ok=True)
 
     load_before = common.machine_load()
-    wall = run_round(args.config.resolve(), args.workspace, args.api_url)
+    wall, began, ended = run_round(args.config.resolve(), args.workspace, args.api_url)
     load_after = common.machine_load()
-    stages, flow_seconds = stage_times(args.workspace, args.api_url)
+    stages, flow_seconds, (outer_start, outer_end) = stage_times(args.workspace, args.api_url)
     accounted = sum(seconds for _, seconds in stages)
-    print(f"\nround wall time (process): {wall:8.1f} s   flow run: {flow_seconds:8.1f} s")
+    # Outside the flow runs: the CLI's start (interpreter, imports, the API's boot, preflight) and its end (the
+    # parent flow's artifacts come before outer_end; after it: draining logs and events, stopping the API, exit).
+    before_flow = (outer_start - began).total_seconds()
+    after_flow = (ended - outer_end).total_seconds()
+    print(f"\nround wall time (process): {wall:8.1f} s   flow run: {flow_seconds:8.1f} s   process start to the "
+          f"flywheel run's start: {before_flow:.1f} s   its end to the process's exit: {after_flow:.1f} s")
     print(f"{'stage':24} {'seconds':>9} {'share':>7}")
     for name, seconds in stages:
         print(f"{name:24} {seconds:9.1f} {seconds / flow_seconds:7.1%}")
@@ -123,7 +135,7 @@ def main() -> None:
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     report = {"config": str(args.config), "api": args.api_url or "embedded", "process_seconds": wall,
-              "flow_seconds": flow_seconds,
+              "flow_seconds": flow_seconds, "before_flow_seconds": before_flow, "after_flow_seconds": after_flow,
               "load": {"before": load_before, "after": load_after}, "overhead": overhead,
               "stages": [{"stage": n, "seconds": s} for n, s in stages]}
     (out / "round.json").write_text(json.dumps(report, indent=2))

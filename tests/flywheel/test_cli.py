@@ -102,43 +102,62 @@ def test_summary_shows_each_gain_with_its_interval():
     assert "prompt gain (95% CI)" not in summary_rows(NS(**{**vars(record), "evaluation": None, "trained": None}))
 
 
-@pytest.mark.parametrize("outcome", ["answers", "fails"])
-def test_embedded_api_starts_in_the_background_and_its_failure_reaches_the_caller(monkeypatch, outcome):
-    import threading
+def test_run_reports_an_api_server_that_fails_to_start_in_one_line(tmp_path, monkeypatch):
+    from flywheel import cli, preflight, temporary_api
 
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_HOME", "FLYWHEEL_WORKSPACE"):
+        monkeypatch.setenv(key, "restored-after-the-test")  # the CLI points these at the workspace
 
-    from flywheel.cli import _start_embedded_api
+    class FailingAPI:
+        def wait(self):
+            raise temporary_api.TemporaryAPIError("Prefect's temporary API server exited with code 1 before it "
+                                                  "answered (its error is printed above)")
 
-    started = threading.Event()
-    threads: list[str] = []
+    monkeypatch.setattr(preflight, "preflight", lambda config, workspace: None)
+    monkeypatch.setattr(temporary_api, "start_temporary_api", FailingAPI)
+    monkeypatch.setattr(cli, "_import_round_libraries", lambda: None)
+    result = CliRunner().invoke(cli.app, ["run", "--workspace", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: Prefect's temporary API server exited with code 1 before it answered (its error is printed above)"]
 
-    def fake_start(self, timeout=None):
-        threads.append(threading.current_thread().name)
-        started.wait(5)  # still booting while the caller goes on
-        if outcome == "fails":
-            raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
 
-    monkeypatch.setattr(SubprocessASGIServer, "start", fake_start)
-    with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        wait = _start_embedded_api()
-    assert wait is not None
-    started.set()
-    if outcome == "fails":
-        with pytest.raises(RuntimeError, match="Timed out"):
-            wait()
+@pytest.mark.parametrize(("args", "status"), [(["--help"], 0), (["run", "--config", "missing.yaml"], 2)])
+def test_the_command_ends_after_the_exit_handlers_without_the_interpreter_teardown(tmp_path, args, status):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import atexit, sys
+        from pathlib import Path
+        from flywheel import cli
+
+        marks = Path(sys.argv[1])
+
+        class Witness:  # a module global: deleted only by the interpreter's teardown
+            def __del__(self):
+                marks.with_suffix(".teardown").write_text("torn down")
+
+        witness = Witness()
+        sys.argv = ["flywheel", *sys.argv[2:]]
+        command = cli.app
+
+        def app():
+            # Registered while the command runs, as Prefect's drains and the temporary API's stop are: they run.
+            atexit.register(lambda: marks.with_suffix(".handler").write_text("ran"))
+            command()
+
+        cli.app = app
+        cli.main()
+    """)
+    marks = tmp_path / "marks"
+    done = subprocess.run([sys.executable, "-c", script, str(marks), *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == status, done.stderr
+    assert marks.with_suffix(".handler").read_text() == "ran"
+    assert not marks.with_suffix(".teardown").exists()
+    if status == 0:
+        assert "Run flywheel rounds" in done.stdout and done.stdout.rstrip().endswith("─╯")  # the whole help
     else:
-        wait()
-    assert threads == ["prefect-api-start"]
-
-
-def test_no_embedded_api_when_a_server_is_configured(monkeypatch):
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flywheel.cli import _start_embedded_api
-
-    monkeypatch.setattr(SubprocessASGIServer, "start", lambda self, timeout=None: pytest.fail("started a server"))
-    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
-        assert _start_embedded_api() is None
+        assert done.stderr.strip() == "error: missing.yaml: config file not found"

@@ -439,10 +439,11 @@ def test_a_disk_that_fills_up_mid_round_is_one_line_naming_the_file(tmp_path, mo
     import flows.flywheel
     from typer.testing import CliRunner
 
-    from flywheel import cli, preflight
+    from flywheel import cli, preflight, temporary_api
 
     for key in ("MLFLOW_TRACKING_URI", "PREFECT_HOME", "FLYWHEEL_WORKSPACE"):
-        monkeypatch.setenv(key, "restored-after-the-test")  # the CLI points these at the workspace
+        monkeypatch.setenv(key, str(tmp_path / "restored-after-the-test"))  # the CLI points these at the workspace
+    monkeypatch.setattr(temporary_api, "start_temporary_api", lambda: None)  # the flow below needs no API
     target = tmp_path / "data" / "rounds" / "round-0001" / "samples.parquet"
 
     def disk_fills_up(*args, **kwargs):

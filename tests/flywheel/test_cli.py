@@ -106,7 +106,7 @@ def test_run_reports_an_api_server_that_fails_to_start_in_one_line(tmp_path, mon
     from flywheel import cli, preflight, temporary_api
 
     for key in ("MLFLOW_TRACKING_URI", "PREFECT_HOME", "FLYWHEEL_WORKSPACE"):
-        monkeypatch.setenv(key, "restored-after-the-test")  # the CLI points these at the workspace
+        monkeypatch.setenv(key, str(tmp_path / "restored-after-the-test"))  # the CLI points these at the workspace
 
     class FailingAPI:
         def wait(self):

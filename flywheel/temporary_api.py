@@ -71,10 +71,14 @@ class TemporaryAPI:
         from prefect.logging.configuration import ensure_logging_setup
 
         ensure_logging_setup()  # the line with the address reaches the terminal, as Prefect's own start prints it
-        self.port = free_port()
+        self._launch()
         get_logger().info(f"Starting temporary server on http://127.0.0.1:{self.port}")
-        self.process = subprocess.Popen(server_command(self.port), env=server_environment())
         atexit.register(self.stop)  # before Prefect's log and event workers register theirs: it runs after them
+
+    def _launch(self) -> None:
+        """The server on a free port, and Prefect in this process pointed at it."""
+        self.port = free_port()
+        self.process = subprocess.Popen(server_command(self.port), env=server_environment())
         point_prefect_at(self.api_url)
 
     def wait(self) -> None:
@@ -89,9 +93,7 @@ class TemporaryAPI:
                 code = self.process.poll()
                 if code == PORT_TAKEN and restarts < self.attempts:
                     restarts += 1
-                    self.port = free_port()
-                    self.process = subprocess.Popen(server_command(self.port), env=server_environment())
-                    point_prefect_at(self.api_url)
+                    self._launch()
                     continue
                 if code is not None:
                     raise TemporaryAPIError(f"Prefect's temporary API server exited with code {code} before it "

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,23 +64,60 @@ def model_sha256(model_dir: Path) -> str:
     return _digests(Path(model_dir))[0]
 
 
+# Digests computed in this process, by the folder's file identities (size, times, inode): a round reads its champion
+# several times (resolution, the generate stage, training, evaluation), and hashing 540 MB twice costs about a second.
+_DIGESTS: dict[tuple, tuple[str, dict[str, str]]] = {}
+_DIGESTS_KEPT = 16
+# A file changed within the file system's timestamp granularity of being hashed could change again without its
+# stat changing, so only files last changed this long before hashing are remembered (git's "racy clean" rule).
+_SETTLED_NS = 2_000_000_000
+_CHUNK = 8 << 20
+
+
 def _digests(model_dir: Path) -> tuple[str, dict[str, str]]:
-    """The model's identity digest and a sha256 per file, reading every file once."""
+    """The model's identity digest and a sha256 per file, reading every file once; remembered for this process while
+    no file of the folder changes."""
     ordered = weight_files(model_dir) + [model_dir / n for n in CHECKSUMMED if (model_dir / n).is_file()]
     identity = set(ordered)
     others = sorted(p for p in model_dir.iterdir() if p.is_file() and p not in identity and p.name != METADATA_FILE)
+    paths = ordered + others
+    stats = [path.stat() for path in paths]
+    key = (str(model_dir.resolve()), tuple((p.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+                                           for p, st in zip(paths, stats)))
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    started = time.time_ns()
+    result = _hash_files(paths, identity)
+    if all(started - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS for st in stats):
+        while len(_DIGESTS) >= _DIGESTS_KEPT:
+            _DIGESTS.pop(next(iter(_DIGESTS)))
+        _DIGESTS[key] = result
+    return result
+
+
+def _hash_files(paths: list[Path], identity: set[Path]) -> tuple[str, dict[str, str]]:
+    """The identity digest over ``identity``'s files (name, then bytes) and each file's sha256. The two digests of a
+    chunk are computed at once on two threads (hashlib releases the GIL), halving the wall time on two cores."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     digest, per_file = hashlib.sha256(), {}
-    for path in ordered + others:
-        in_identity = path in identity
-        if in_identity:
-            digest.update(path.name.encode() + b"\0")
-        file_digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                file_digest.update(chunk)
-                if in_identity:
-                    digest.update(chunk)
-        per_file[path.name] = file_digest.hexdigest()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-digest") as helper:
+        for path in paths:
+            in_identity = path in identity
+            if in_identity:
+                digest.update(path.name.encode() + b"\0")
+            file_digest = hashlib.sha256()
+            pending: Future | None = None
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(_CHUNK), b""):
+                    if pending is not None:
+                        pending.result()  # one chunk in flight: the helper's updates stay in order, memory bounded
+                    pending = helper.submit(file_digest.update, chunk)
+                    if in_identity:
+                        digest.update(chunk)
+            if pending is not None:
+                pending.result()
+            per_file[path.name] = file_digest.hexdigest()
     return digest.hexdigest(), per_file
 
 
@@ -274,9 +312,9 @@ def save_model(model, tokenizer, target: Path, **metadata: object) -> ModelRef:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    write_metadata(staging, **metadata)
-    replace_dir(staging, target)
-    return verify_model(target)
+    written = write_metadata(staging, **metadata)
+    replace_dir(staging, target)  # renames: the bytes just hashed are the ones in place, no second read needed
+    return ModelRef(path=str(target), sha256=written.sha256, source=written.source)
 
 
 def replace_dir(staging: Path, target: Path) -> None:

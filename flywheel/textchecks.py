@@ -10,15 +10,22 @@ BPE tokenizer without loading one: on SmolLM2-135M-Instruct's own answers it giv
 tokenizer's count (half of the answers within 7%); it undercounts rare words, which BPE splits further.
 
 Language identification uses ``langid`` (a naive Bayes model over byte n-grams shipped in the package:
-deterministic, no seed, no download), loaded once per process on first use (about 2 s).
+deterministic, no seed, no download), loaded once per process on first use. The package ships its model as a
+base64 bz2 pickle that takes about 1.5 s to decode on every load; the decoded arrays are kept in a cache
+(``$FLYWHEEL_LANGID_CACHE`` or ``~/.cache/flywheel/langid``, keyed by the model's sha256), read in milliseconds.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import tempfile
+import zipfile
 from collections import Counter
 from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -88,13 +95,91 @@ def max_ngram_repeats(text: Any, n: int) -> int:
     return max(Counter(grams).values()) if grams else 0
 
 
+LANGID_CACHE_ENV = "FLYWHEEL_LANGID_CACHE"
+# What langid's LanguageIdentifier is built from: naive Bayes weights (features x languages), class priors, the
+# language codes, and the byte automaton's transitions and outputs.
+LangidModel = tuple[Any, Any, list[str], Any, dict[int, tuple[int, ...]]]
+
+
+def langid_cache_dir() -> Path:
+    return Path(os.environ.get(LANGID_CACHE_ENV) or Path.home() / ".cache" / "flywheel" / "langid")
+
+
 @lru_cache(maxsize=1)
 def _language_identifier() -> Any:
     from langid.langid import LanguageIdentifier, model
 
-    return LanguageIdentifier.from_modelstring(model, norm_probs=True)
+    nb_ptc, nb_pc, classes, nextmove, output = langid_model(model, langid_cache_dir())
+    return LanguageIdentifier(nb_ptc, nb_pc, nb_ptc.shape[0], classes, nextmove, output, norm_probs=True)
 
 
+def langid_model(modelstring: bytes | str, cache_dir: Path) -> LangidModel:
+    """langid's model as ``LanguageIdentifier`` takes it (what ``from_modelstring`` decodes), from the cache when
+    it holds this model string's arrays; otherwise decoded and written there. A cache that cannot be read is
+    rebuilt; one that cannot be written leaves the decoded model in use."""
+    import numpy as np
+
+    encoded = modelstring.encode("ascii") if isinstance(modelstring, str) else modelstring
+    key = hashlib.sha256(encoded).hexdigest()[:32]
+    path = Path(cache_dir) / f"langid-{key}.npz"
+    try:
+        return _read_langid_arrays(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        pass  # absent, truncated or foreign: decoded again and (re)written below
+    import base64
+    import bz2
+    import pickle
+
+    nb_ptc, nb_pc, classes, nextmove, output = pickle.loads(bz2.decompress(base64.b64decode(encoded)))
+    keys = sorted(output)
+    arrays = {
+        "nb_ptc": np.asarray(nb_ptc, dtype=np.float32), "nb_pc": np.asarray(nb_pc, dtype=np.float32),
+        "classes": np.asarray(classes, dtype=str), "nextmove": np.asarray(nextmove, dtype=np.uint16),
+        "output_keys": np.asarray(keys, dtype=np.int64),
+        "output_lengths": np.asarray([len(output[k]) for k in keys], dtype=np.int64),
+        "output_values": np.asarray([v for k in keys for v in output[k]], dtype=np.int64),
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(staging, path)  # whole or absent: a concurrent reader never sees half a file
+    except OSError:
+        pass  # a read-only or full cache location: this process uses the decoded model uncached
+    return _langid_from_arrays(arrays)
+
+
+def _read_langid_arrays(path: Path) -> LangidModel:
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in ("nb_ptc", "nb_pc", "classes", "nextmove", "output_keys",
+                                                "output_lengths", "output_values")}
+    if (arrays["nb_ptc"].size % max(arrays["nb_pc"].size, 1) or arrays["classes"].size != arrays["nb_pc"].size
+            or arrays["output_lengths"].sum() != arrays["output_values"].size
+            or arrays["output_lengths"].size != arrays["output_keys"].size):
+        raise ValueError(f"{path}: inconsistent langid arrays")
+    return _langid_from_arrays(arrays)
+
+
+def _langid_from_arrays(arrays: dict[str, Any]) -> LangidModel:
+    import array
+
+    import numpy as np
+
+    nb_pc = arrays["nb_pc"]
+    nb_ptc = arrays["nb_ptc"].reshape(-1, nb_pc.size)
+    # langid walks its tokenizer's automaton one byte at a time in Python: array.array indexes faster than numpy.
+    nextmove = array.array("H", arrays["nextmove"].astype(np.uint16).tobytes())
+    values = arrays["output_values"].tolist()
+    ends = np.cumsum(arrays["output_lengths"]).tolist()
+    output = {key: tuple(values[end - length:end]) for key, length, end in
+              zip(arrays["output_keys"].tolist(), arrays["output_lengths"].tolist(), ends)}
+    return nb_ptc, nb_pc, arrays["classes"].tolist(), nextmove, output
+
+
+@lru_cache(maxsize=4096)  # a round's pairs and SFT rows repeat its samples' responses: each is identified once
 def detect_language(text: str) -> str:
     """The most likely language of ``text`` (ISO 639-1 code), by langid."""
     return str(_language_identifier().classify(text)[0])

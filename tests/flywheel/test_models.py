@@ -119,6 +119,58 @@ def test_verify_model_refuses_a_tampered_weight_file(model_copy):
     assert str(model_copy) in str(caught.value)
 
 
+@pytest.fixture
+def hashings(monkeypatch) -> list[Path]:
+    """The folders whose files are read and hashed, in order (a remembered digest reads nothing)."""
+    from flywheel import models
+
+    hashed, hash_files = [], models._hash_files
+    monkeypatch.setattr(models, "_DIGESTS", {})
+    monkeypatch.setattr(models, "_hash_files", lambda paths, identity: hashed.append(paths[0].parent) or
+                        hash_files(paths, identity))
+    return hashed
+
+
+def test_verified_digests_are_remembered_until_a_file_changes(model_copy, hashings, monkeypatch):
+    from flywheel import models
+
+    monkeypatch.setattr(models, "_SETTLED_NS", 0)  # the copy's files count as settled at once
+    recorded = write_metadata(model_copy, source="copy")
+    load_model(model_copy)  # verifies before loading
+    assert verify_model(model_copy) == verify_model(model_copy)
+    assert verify_model(model_copy).sha256 == model_sha256(model_copy) == recorded.sha256
+    assert hashings == [model_copy]  # hashed once, for the metadata; every later check used it
+    weights = model_copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))  # same size, new times
+    with pytest.raises(ModelError, match="model.safetensors does not match its recorded checksum"):
+        verify_model(model_copy)
+    assert hashings == [model_copy, model_copy]
+
+
+def test_recently_changed_files_are_hashed_at_every_check(model_copy, hashings):
+    write_metadata(model_copy, source="copy")  # its files were copied a moment ago: within the settling time
+    verify_model(model_copy)
+    verify_model(model_copy)
+    assert hashings == [model_copy] * 3
+
+
+def test_digests_of_large_files_match_hashlib(tmp_path):
+    folder = _fake_model(tmp_path / "large")
+    payload = bytes(range(256)) * (20 * 4096 + 7)  # about 20 MB: several chunks of both digests in flight
+    (folder / "model.safetensors").write_bytes(payload)
+    (folder / "README.md").write_text("not part of the identity")
+    expected = hashlib.sha256()
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        expected.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    recorded = write_metadata(folder, source="large")
+    assert recorded.sha256 == expected.hexdigest()
+    files = read_metadata(folder)["files"]
+    assert files["model.safetensors"] == hashlib.sha256(payload).hexdigest()
+    assert files["README.md"] == hashlib.sha256(b"not part of the identity").hexdigest()
+
+
 def test_verify_model_names_a_swapped_tokenizer(model_copy):
     write_metadata(model_copy, source="copy")
     tokenizer = model_copy / "tokenizer.json"

@@ -155,7 +155,6 @@ def materialize(tracking_uri: str, info: VersionInfo, store: Path) -> Path:
         METADATA_FILE,
         ModelError,
         check_model_dir,
-        model_sha256,
         replace_dir,
         verify_model,
         write_metadata,
@@ -177,10 +176,11 @@ def materialize(tracking_uri: str, info: VersionInfo, store: Path) -> Path:
         folder = staging / info.source.rstrip("/").rsplit("/", 1)[-1]  # the artifact path: model, refiner
         downloaded = folder if folder.is_dir() else staging
         check_model_dir(downloaded)
-        actual = model_sha256(downloaded)
+        # One read of the downloaded weights: the digests recorded next to them are the ones checked (in staging,
+        # removed below when they differ).
+        actual = write_metadata(downloaded, source=f"models:/{info.name}/{info.version}").sha256
         if expected and actual != expected:
             raise ModelError(f"version {info.version}: downloaded sha256 {actual[:12]} != registered {expected[:12]}")
-        write_metadata(downloaded, source=f"models:/{info.name}/{info.version}")
         replace_dir(downloaded, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -256,12 +256,16 @@ def _file_sha256(path: Path) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -314,7 +318,7 @@ def save_model(model, tokenizer, target: Path, **metadata: object) -> ModelRef:
     tokenizer.save_pretrained(staging)
     written = write_metadata(staging, **metadata)
     replace_dir(staging, target)  # renames: the bytes just hashed are the ones in place, no second read needed
-    return ModelRef(path=str(target), sha256=written.sha256, source=written.source)
+    return ModelRef(path=str(target), sha256=written.sha256, source=str(metadata.get("source", target)))
 
 
 def replace_dir(staging: Path, target: Path) -> None:

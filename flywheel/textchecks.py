@@ -18,9 +18,9 @@ base64 bz2 pickle that takes about 1.5 s to decode on every load; the decoded ar
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Callable
@@ -107,9 +107,16 @@ def langid_cache_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def _language_identifier() -> Any:
-    from langid.langid import LanguageIdentifier, model
+    from langid.langid import model
 
-    nb_ptc, nb_pc, classes, nextmove, output = langid_model(model, langid_cache_dir())
+    return langid_identifier(langid_model(model, langid_cache_dir()))
+
+
+def langid_identifier(model: LangidModel) -> Any:
+    """langid's ``LanguageIdentifier`` over ``model``, normalised probabilities as ``langid.classify`` reports."""
+    from langid.langid import LanguageIdentifier
+
+    nb_ptc, nb_pc, classes, nextmove, output = model
     return LanguageIdentifier(nb_ptc, nb_pc, nb_ptc.shape[0], classes, nextmove, output, norm_probs=True)
 
 
@@ -139,12 +146,12 @@ def langid_model(modelstring: bytes | str, cache_dir: Path) -> LangidModel:
         "output_lengths": np.asarray([len(output[k]) for k in keys], dtype=np.int64),
         "output_values": np.asarray([v for k in keys for v in output[k]], dtype=np.int64),
     }
+    from flywheel.models import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(staging, path)  # whole or absent: a concurrent reader never sees half a file
+        atomic_write_bytes(path, buffer.getvalue())  # whole or absent, no temporary file left on failure
     except OSError:
         pass  # a read-only or full cache location: this process uses the decoded model uncached
     return _langid_from_arrays(arrays)

@@ -11,6 +11,7 @@ from flywheel.textchecks import (
     count_tokens,
     detect_language,
     is_refusal,
+    langid_identifier,
     langid_model,
     is_repetitive,
     max_ngram_repeats,
@@ -69,13 +70,6 @@ LANGUAGES = [ENGLISH, RUSSIAN, "Le cycle de l'eau est important pour la vie sur 
              "Der Wasserkreislauf ist wichtig für das Leben.", "1234 ## !!", ""]
 
 
-def _identifier(model: tuple):
-    from langid.langid import LanguageIdentifier
-
-    nb_ptc, nb_pc, classes, nextmove, output = model
-    return LanguageIdentifier(nb_ptc, nb_pc, nb_ptc.shape[0], classes, nextmove, output, norm_probs=True)
-
-
 @pytest.fixture(scope="module")
 def reference():
     """The identifier as langid builds it from its packaged model string."""
@@ -94,7 +88,7 @@ def test_langid_model_from_its_cache_classifies_as_the_package_does(tmp_path, mo
     monkeypatch.setattr(bz2, "decompress", lambda data: pytest.fail("decoded again despite the cache"))
     cached = langid_model(model, tmp_path)
     for built in (decoded, cached):
-        identifier = _identifier(built)
+        identifier = langid_identifier(built)
         assert identifier.nb_ptc.dtype == reference.nb_ptc.dtype and identifier.tk_output == reference.tk_output
         assert [identifier.classify(text) for text in LANGUAGES] == [reference.classify(text) for text in LANGUAGES]
 
@@ -106,11 +100,11 @@ def test_langid_cache_rebuilt_when_unreadable_and_skipped_when_unwritable(tmp_pa
     langid_model(model, tmp_path)
     [cached] = tmp_path.glob("langid-*.npz")
     cached.write_bytes(cached.read_bytes()[:1000])  # truncated, as by a full disk
-    assert [_identifier(langid_model(model, tmp_path)).classify(text) for text in LANGUAGES] == expected
+    assert [langid_identifier(langid_model(model, tmp_path)).classify(text) for text in LANGUAGES] == expected
     assert cached.stat().st_size > 1000  # written whole again
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
-    assert [_identifier(langid_model(model, blocked / "cache")).classify(text) for text in LANGUAGES] == expected
+    assert [langid_identifier(langid_model(model, blocked / "cache")).classify(text) for text in LANGUAGES] == expected
 
 
 def test_checks_share_one_signature() -> None:

@@ -489,7 +489,13 @@ class PromotionConfig(Section):
                                       "vs gained) with p below this. Tells a consistent regression from one "
                                       "flipped answer at any support (None: the threshold alone).")
     max_perplexity_increase: float | None = Field(
-        0.05, ge=0, description="Relative perplexity rise allowed on the general-text probe (None: unchecked)."
+        0.05, ge=0, description="Relative perplexity rise allowed on the general-text probe against the champion "
+                                "(None: unchecked). A bound per round: rounds that each stay under it can add up.",
+    )
+    max_perplexity_increase_vs_base: float | None = Field(
+        None, ge=0, description="Relative perplexity rise allowed on the probe against the lineage's base model (the "
+                                "version the champion descends from that was registered on first use): a budget for "
+                                "the drift of all promoted rounds together (None: unchecked).",
     )
     require_human_approval: bool = Field(False, description="Promote only rounds a human reviewer approved.")
 

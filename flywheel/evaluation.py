@@ -52,6 +52,9 @@ class Evaluation(BaseModel):
     accuracy_gain: float
     candidate_perplexity: float | None = None  # general-text probe (flywheel.probe)
     champion_perplexity: float | None = None
+    # The probe on the base model the champion descends from (its parent chain's first version), and that version.
+    base_perplexity: float | None = None
+    base_version: str | None = None
     open_ended: OpenEndedResult | None = None  # LLM-judged comparison on open-ended prompts (evaluation.open_ended)
     # instruction type -> [lost, gained]: instructions the champion satisfied and the candidate not, and the reverse
     # (same prompts; empty in records made before it was kept)
@@ -71,6 +74,12 @@ class Evaluation(BaseModel):
             return None
         return self.candidate_perplexity / self.champion_perplexity - 1
 
+    @property
+    def perplexity_increase_vs_base(self) -> float | None:
+        if self.candidate_perplexity is None or self.base_perplexity is None:
+            return None
+        return self.candidate_perplexity / self.base_perplexity - 1
+
     def metrics(self) -> dict[str, float]:
         flat = {
             "eval.win_rate": self.win_rate,
@@ -80,6 +89,9 @@ class Evaluation(BaseModel):
             flat["eval.candidate.probe_perplexity"] = self.candidate_perplexity
             flat["eval.champion.probe_perplexity"] = self.champion_perplexity
             flat["eval.probe_perplexity_increase"] = self.perplexity_increase
+        if self.perplexity_increase_vs_base is not None:
+            flat["eval.base.probe_perplexity"] = self.base_perplexity
+            flat["eval.probe_perplexity_increase_vs_base"] = self.perplexity_increase_vs_base
         if self.open_ended is not None:
             flat["eval.open_ended.win_rate"] = self.open_ended.win_rate
             flat["eval.open_ended.wins"] = float(self.open_ended.wins)
@@ -228,7 +240,8 @@ def promotion_verdict(evaluation: Evaluation, human_approved: bool, *, min_gain:
                       max_type_regression: float | None, max_perplexity_increase: float | None,
                       require_human_approval: bool, min_type_support: int = 0,
                       type_regression_alpha: float | None = None,
-                      gain_metric: str = "prompt", gain_alpha: float | None = None) -> tuple[bool, list[str]]:
+                      gain_metric: str = "prompt", gain_alpha: float | None = None,
+                      max_perplexity_increase_vs_base: float | None = None) -> tuple[bool, list[str]]:
     """Whether a candidate meets the promotion policy, with every reason it does or does not.
 
     With ``gain_alpha``, the gain must also be significant: the paired sign test over the prompts that changed
@@ -295,14 +308,19 @@ def promotion_verdict(evaluation: Evaluation, human_approved: bool, *, min_gain:
             beyond = f"beyond {max_type_regression}" + (
                 f", significant at {type_regression_alpha} (sign test)" if type_regression_alpha is not None else "")
             reasons.append(f"instruction types regressed {beyond}: {worst}")
-    if max_perplexity_increase is not None:
-        rise = evaluation.perplexity_increase
+    base = f"the base (v{evaluation.base_version})" if evaluation.base_version else "the base"
+    for limit, rise, against in ((max_perplexity_increase, evaluation.perplexity_increase, "the champion"),
+                                 (max_perplexity_increase_vs_base, evaluation.perplexity_increase_vs_base, base)):
+        if limit is None:
+            continue
         if rise is None:
             ok = False
-            reasons.append("perplexity probe missing")
-        elif rise > max_perplexity_increase:
+            reasons.append(f"probe perplexity of {against} unknown: the perplexity guard cannot be checked")
+        elif rise > limit:
             ok = False
-            reasons.append(f"probe perplexity rose {rise:+.1%} > {max_perplexity_increase:.1%}")
+            reasons.append(f"probe perplexity {rise:+.1%} against {against} > {limit:.1%}")
+        else:
+            reasons.append(f"probe perplexity {rise:+.1%} against {against} <= {limit:.1%}")
     if require_human_approval and not human_approved:
         ok = False
         reasons.append("a human reviewer's approval is required")

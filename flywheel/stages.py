@@ -1008,6 +1008,46 @@ def open_ended_comparison(config: FlywheelConfig, base_dir: Path, state_dir: Pat
     return summarize_pairs(verdicts, judge, llm.source, ev.open_ended_prompts)
 
 
+def lineage_base(tracking_uri: str, name: str, version: str) -> registry.VersionInfo | None:
+    """The base model a version descends from: up its parents to the version registered on first use (round 0).
+    None when the chain breaks (a version registered by hand, without a parent), so its drift cannot be measured."""
+    seen: set[str] = set()
+    info = registry.get_version(tracking_uri, name, version)
+    while info.tags.get(f"{registry.TAG}round") != "0":
+        parent = info.tags.get(f"{registry.TAG}parent_version")
+        if parent is None or info.version in seen:
+            return None
+        seen.add(info.version)
+        info = registry.get_version(tracking_uri, name, parent)
+    return info
+
+
+def base_probe_perplexity(workspace: Workspace, name: str, champion: Champion, champion_perplexity: float,
+                          device: str) -> tuple[str, float] | None:
+    """(version, probe perplexity) of the champion's lineage base, measured once per workspace: cached under the
+    version with the weights' digest and the probe's texts, so a changed probe or model is measured again."""
+    import hashlib
+
+    from flywheel.probe import PROBE_TEXTS, perplexity
+
+    base = lineage_base(workspace.tracking_uri, name, champion.version)
+    if base is None:
+        return None
+    key = {"model_sha256": base.tags.get(f"{registry.TAG}model_sha256"),
+           "probe_sha256": hashlib.sha256(json.dumps(PROBE_TEXTS).encode()).hexdigest()}
+    cache = workspace.state / "evals" / f"{name}-v{base.version}.probe.json"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if all(cached.get(k) == v for k, v in key.items()):
+            return base.version, float(cached["perplexity"])
+    if base.version == champion.version:
+        value = champion_perplexity
+    else:
+        value = perplexity(registry.materialize(workspace.tracking_uri, base, workspace.models), device=device)
+    write_json({**key, "perplexity": value}, cache)
+    return base.version, value
+
+
 def check_evaluation_tables(config: FlywheelConfig, workspace: Workspace, context: RoundContext, tables: dict) -> None:
     """The evaluation results go through the ``flywheel_evaluation`` suite (into the round's Data Docs); they are
     never filtered (that would bias the comparison): any failed check stops the round, naming it."""
@@ -1054,9 +1094,12 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
     write_parquet(candidate, work / "eval_candidate.parquet")
     write_parquet(champion, work / "eval_champion.parquet")
     check_evaluation_tables(config, workspace, context, {"eval_candidate": candidate, "eval_champion": champion})
+    base = base_probe_perplexity(workspace, config.model.registered_name, context.champion, champion_perplexity,
+                                 device=device)
     evaluation = compare(candidate, champion).model_copy(update={
         "candidate_perplexity": perplexity(Path(trained.path), device=device),
         "champion_perplexity": champion_perplexity,
+        **({"base_version": base[0], "base_perplexity": base[1]} if base is not None else {}),
     })
     if config.evaluation.open_ended:
         evaluation = evaluation.model_copy(update={"open_ended": open_ended_comparison(
@@ -1119,7 +1162,7 @@ def decide_promotion(config: FlywheelConfig, workspace: Workspace, registration:
         max_type_regression=policy.max_type_regression, max_perplexity_increase=policy.max_perplexity_increase,
         require_human_approval=policy.require_human_approval, min_type_support=policy.min_type_support,
         type_regression_alpha=policy.type_regression_alpha, gain_metric=policy.gain_metric,
-        gain_alpha=policy.gain_alpha,
+        gain_alpha=policy.gain_alpha, max_perplexity_increase_vs_base=policy.max_perplexity_increase_vs_base,
     )
     summary = "; ".join(reasons)
     if policy.mode == "manual":

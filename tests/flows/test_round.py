@@ -123,6 +123,11 @@ def test_promote_then_next_round_starts_from_new_champion(finished_round):
     assert "round-0002" in out
     second = registry.get_version(uri(workspace), "tiny-policy", "3")
     assert second.tags["flywheel.parent_version"] == "2"
+    # The drift budget's reference is the base (v1), measured in round 1 as its champion.
+    records = [json.loads((workspace / ".flywheel" / "rounds" / f"round-000{n}.json").read_text()) for n in (1, 2)]
+    assert records[1]["evaluation"]["base_version"] == "1"
+    assert records[1]["evaluation"]["base_perplexity"] == records[0]["evaluation"]["champion_perplexity"]
+    assert records[1]["evaluation"]["champion_perplexity"] == records[0]["evaluation"]["candidate_perplexity"]
     assert registry.get_version(uri(workspace), "tiny-policy", "champion").version == "3"
     assert tag_commit(workspace, "round-0002") is not None
     # rollback is one command and returns to the version the champion replaced

@@ -116,7 +116,12 @@ def _evaluation(cand_acc, champ_acc, cand_types, champ_types, cand_ppl=10.0, cha
                       champion_perplexity=champ_ppl)
 
 
+def _with_base(evaluation, base_ppl):
+    return evaluation.model_copy(update={"base_perplexity": base_ppl, "base_version": "1"})
+
+
 POLICY = dict(min_gain=0.0, max_type_regression=0.1, max_perplexity_increase=0.05, require_human_approval=False)
+BUDGET = {**POLICY, "max_perplexity_increase_vs_base": 0.15}
 
 
 @pytest.mark.parametrize(("evaluation", "human", "policy", "promoted", "reason"), [
@@ -136,9 +141,23 @@ POLICY = dict(min_gain=0.0, max_type_regression=0.1, max_perplexity_increase=0.0
     (_evaluation(0.6, 0.4, {"a": 0.9, "b": 0.0}, {"a": 0.4, "b": 0.5}), False,
      {**POLICY, "min_type_support": 10}, False, "instruction types regressed beyond 0.1: b -0.500"),
     (_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}, cand_ppl=11.0), False, POLICY, False,
-     "probe perplexity rose +10.0% > 5.0%"),
+     "probe perplexity +10.0% against the champion > 5.0%"),
     (_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}, cand_ppl=11.0), False,
      {**POLICY, "max_perplexity_increase": None}, True, "accuracy gain"),
+    # Against the lineage's base: each round within its 5% can still add up past the budget...
+    (_with_base(_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}, cand_ppl=10.4), 9.0), False, BUDGET, False,
+     "probe perplexity +15.6% against the base (v1) > 15.0%"),
+    (_with_base(_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}, cand_ppl=10.3), 9.0), False, BUDGET, True,
+     "probe perplexity +14.4% against the base (v1) <= 15.0%"),
+    # ...and with the budget alone, a round's step is free while the sum stays within it.
+    (_with_base(_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}, cand_ppl=10.8), 11.0), False,
+     {**POLICY, "max_perplexity_increase": None, "max_perplexity_increase_vs_base": 0.15}, True,
+     "probe perplexity -1.8% against the base (v1) <= 15.0%"),
+    # A lineage without a known base is refused when the budget is set, unchecked otherwise.
+    (_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}), False, BUDGET, False,
+     "probe perplexity of the base unknown: the perplexity guard cannot be checked"),
+    (_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}), False, POLICY, True,
+     "probe perplexity +0.0% against the champion <= 5.0%"),
     (_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}), False, {**POLICY, "require_human_approval": True}, False,
      "a human reviewer's approval is required"),
     (_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}), True, {**POLICY, "require_human_approval": True}, True,
@@ -318,3 +337,13 @@ def test_promotion_verdict_gain_alpha_reads_the_chosen_metric():
     evaluation = _with_gain(_evaluation(0.5, 0.4, {"a": 0.5}, {"a": 0.4}), 0.01, "prompt")
     assert promotion_verdict(evaluation, False, **POLICY, gain_alpha=0.05, gain_metric="prompt")[0]
     assert not promotion_verdict(evaluation, False, **POLICY, gain_alpha=0.05, gain_metric="instruction")[0]
+
+
+def test_metrics_carry_the_drift_against_the_base_only_when_measured():
+    measured = _with_base(_evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}, cand_ppl=11.0, champ_ppl=10.0), 8.0)
+    metrics = measured.metrics()
+    assert metrics["eval.base.probe_perplexity"] == 8.0
+    assert metrics["eval.probe_perplexity_increase_vs_base"] == pytest.approx(0.375)
+    assert metrics["eval.probe_perplexity_increase"] == pytest.approx(0.1)
+    unmeasured = _evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}).metrics()
+    assert not any("vs_base" in k or k.startswith("eval.base.") for k in unmeasured)

@@ -267,3 +267,73 @@ def test_a_refiner_trained_before_a_kill_is_registered_by_the_rerun_without_trai
     update = train_refiner(config, workspace, context, quality, dataset)
     assert update.version == "2" and update.trained is not None and update.trained.rows == 2
     assert registry.get_version(workspace.tracking_uri, "tiny-policy-refiner", "champion").version == "2"
+
+
+# --- the drift budget's reference: the base model the champion descends from -------------------------------------
+
+def _register_child(config, workspace, round_number: int, parent: str | None):
+    version, run_id = _register(config, workspace, round_number)
+    if parent is not None:
+        from flywheel import registry
+
+        registry.client(workspace.tracking_uri).set_model_version_tag(
+            config.model.registered_name, version.version, "flywheel.parent_version", parent)
+    return version
+
+
+def test_lineage_base_follows_parents_to_the_first_registered_version(registry_workspace):
+    from flywheel.stages import lineage_base
+
+    config, workspace = registry_workspace
+    uri, name = workspace.tracking_uri, config.model.registered_name
+    _register(config, workspace, 0)                        # v1: the base
+    _register_child(config, workspace, 1, parent="1")      # v2, refused
+    _register_child(config, workspace, 2, parent="1")      # v3, promoted
+    _register_child(config, workspace, 3, parent="3")      # v4, from v3
+    _register_child(config, workspace, 4, parent=None)     # v5: registered by hand, no lineage
+    assert lineage_base(uri, name, "4").version == "1"
+    assert lineage_base(uri, name, "1").version == "1"
+    assert lineage_base(uri, name, "5") is None
+
+
+def test_base_probe_perplexity_is_measured_once_and_again_when_the_probe_changes(registry_workspace, monkeypatch):
+    import flywheel.probe
+    from flywheel.stages import Champion, base_probe_perplexity
+
+    config, workspace = registry_workspace
+    name = config.model.registered_name
+    _register(config, workspace, 0, aliases=("champion",))
+    _register_child(config, workspace, 1, parent="1")
+    measured = []
+
+    def fake_perplexity(model_dir, texts=flywheel.probe.PROBE_TEXTS, device="cpu"):
+        measured.append(Path(model_dir))
+        return 20.0 + len(measured)
+
+    monkeypatch.setattr(flywheel.probe, "perplexity", fake_perplexity)
+    # While the base is the champion its probe is the champion's: nothing is measured again.
+    base_champion = Champion(version="1", path=str(config.model.base), sha256="")
+    assert base_probe_perplexity(workspace, name, base_champion, 19.5, device="cpu") == ("1", 19.5)
+    assert measured == []
+    later = Champion(version="2", path=str(config.model.base), sha256="")
+    assert base_probe_perplexity(workspace, name, later, 30.0, device="cpu") == ("1", 19.5)  # from the cache
+    assert measured == []
+    # Other probe texts make the cached figure stale: the base is materialized and measured, once.
+    monkeypatch.setattr(flywheel.probe, "PROBE_TEXTS", ("Another text entirely.",))
+    assert base_probe_perplexity(workspace, name, later, 30.0, device="cpu") == ("1", 21.0)
+    assert base_probe_perplexity(workspace, name, later, 30.0, device="cpu") == ("1", 21.0)
+    assert len(measured) == 1 and (measured[0] / "config.json").is_file()
+
+
+def test_decide_promotion_applies_the_recipes_drift_budget(registry_workspace):
+    policy = {"max_perplexity_increase": 0.1, "max_perplexity_increase_vs_base": 0.15}
+    within = _decide_on(registry_workspace, policy, (0.4, 0.5), (0.3, 0.4), candidate_perplexity=11.0,
+                        champion_perplexity=10.5, base_perplexity=10.0, base_version="1")
+    assert within.promoted and "+10.0% against the base (v1) <= 15.0%" in within.reason
+
+
+def test_decide_promotion_refuses_a_candidate_past_the_drift_budget(registry_workspace):
+    policy = {"max_perplexity_increase": 0.1, "max_perplexity_increase_vs_base": 0.15}
+    past = _decide_on(registry_workspace, policy, (0.4, 0.5), (0.3, 0.4), candidate_perplexity=11.6,
+                      champion_perplexity=11.0, base_perplexity=10.0, base_version="1")
+    assert not past.promoted and "+16.0% against the base (v1) > 15.0%" in past.reason

@@ -29,7 +29,10 @@ def evaluate_model(config: FlywheelConfig = FlywheelConfig(), ref: str = registr
         f"## {result.name} v{result.version} ({ref}) on {scores.prompts} held-out prompts\n\n"
         f"| figure | value |\n| --- | --- |\n| prompt accuracy | {scores.prompt_accuracy:.3f} |\n"
         f"| constraint accuracy | {scores.constraint_accuracy:.3f} |\n| truncated | {scores.truncated_share:.3f} |\n"
-        f"| probe perplexity | {result.perplexity:.2f} |\n\n" + (f"[MLflow model version]({link})\n" if link else ""),
+        f"| probe perplexity | {result.perplexity:.2f} |\n"
+        + (f"| probe perplexity against the base (v{result.base_version}) | "
+           f"{result.perplexity / result.base_perplexity - 1:+.1%} |\n" if result.base_perplexity else "")
+        + "\n" + (f"[MLflow model version]({link})\n" if link else ""),
         key=artifact_key("evaluation-summary", result.name),
     )
     return result

@@ -23,6 +23,9 @@ class VersionEvaluation(BaseModel):
     version: str  # "folder" for a model folder
     scores: ModelScores
     perplexity: float
+    # The probe of the base a registered version descends from (None for a folder or a version without lineage).
+    base_version: str | None = None
+    base_perplexity: float | None = None
     prompts_path: str
     results_path: str
     against: str | None = None  # what the win rate compares with (a version, alias or folder)
@@ -111,9 +114,16 @@ def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = re
                                                         Path(other.path), limit=open_ended, judge=judge,
                                                         rows_path=rows, progress=progress)
             extra["open_ended_path"] = str(rows)
+    device = resolve_device(config.generation.device)
+    own = perplexity(Path(model.path), device=device)
+    if model.version != "folder":
+        from flywheel.stages import base_probe_perplexity
+
+        base = base_probe_perplexity(workspace, model.name, model.version, own, device=device)
+        if base is not None:
+            extra.update(base_version=base[0], base_perplexity=base[1])
     return VersionEvaluation(name=model.name, ref=ref, version=model.version, scores=summarize(judged),
-                             perplexity=perplexity(Path(model.path), device=resolve_device(config.generation.device)),
-                             prompts_path=str(prompts_path), results_path=str(results), **extra)
+                             perplexity=own, prompts_path=str(prompts_path), results_path=str(results), **extra)
 
 
 def _score(config: FlywheelConfig, workspace: Workspace, model: ResolvedModel, prompts_path: Path, progress):

@@ -1022,15 +1022,16 @@ def lineage_base(tracking_uri: str, name: str, version: str) -> registry.Version
     return info
 
 
-def base_probe_perplexity(workspace: Workspace, name: str, champion: Champion, champion_perplexity: float,
+def base_probe_perplexity(workspace: Workspace, name: str, version: str, version_perplexity: float,
                           device: str) -> tuple[str, float] | None:
-    """(version, probe perplexity) of the champion's lineage base, measured once per workspace: cached under the
-    version with the weights' digest and the probe's texts, so a changed probe or model is measured again."""
+    """(version, probe perplexity) of the base a registered version descends from, measured once per workspace:
+    cached under the base's version with the weights' digest and the probe's texts, so a changed probe or model is
+    measured again. ``version_perplexity`` (the version's own probe) is the base's when the version is the base."""
     import hashlib
 
     from flywheel.probe import PROBE_TEXTS, perplexity
 
-    base = lineage_base(workspace.tracking_uri, name, champion.version)
+    base = lineage_base(workspace.tracking_uri, name, version)
     if base is None:
         return None
     key = {"model_sha256": base.tags.get(f"{registry.TAG}model_sha256"),
@@ -1040,8 +1041,8 @@ def base_probe_perplexity(workspace: Workspace, name: str, champion: Champion, c
         cached = json.loads(cache.read_text())
         if all(cached.get(k) == v for k, v in key.items()):
             return base.version, float(cached["perplexity"])
-    if base.version == champion.version:
-        value = champion_perplexity
+    if base.version == version:
+        value = version_perplexity
     else:
         value = perplexity(registry.materialize(workspace.tracking_uri, base, workspace.models), device=device)
     write_json({**key, "perplexity": value}, cache)
@@ -1094,8 +1095,8 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
     write_parquet(candidate, work / "eval_candidate.parquet")
     write_parquet(champion, work / "eval_champion.parquet")
     check_evaluation_tables(config, workspace, context, {"eval_candidate": candidate, "eval_champion": champion})
-    base = base_probe_perplexity(workspace, config.model.registered_name, context.champion, champion_perplexity,
-                                 device=device)
+    base = base_probe_perplexity(workspace, config.model.registered_name, context.champion.version,
+                                 champion_perplexity, device=device)
     evaluation = compare(candidate, champion).model_copy(update={
         "candidate_perplexity": perplexity(Path(trained.path), device=device),
         "champion_perplexity": champion_perplexity,

@@ -187,6 +187,11 @@ def test_eval_scores_a_registered_version_as_the_round_did(finished_round):
     assert float(loose) >= float(strict)  # loose checks accept whatever strict ones do, and more
     win = _cells(result.stdout, "win rate vs v1")
     assert "verifier" in win[0] and float(win[1]) == pytest.approx(evaluation["win_rate"], abs=1e-3)
+    # The drift against the base v2 descends from (v1), as round 1 measured both probes.
+    label, drift = _cells(result.stdout, "against the base")
+    assert f"v1: {evaluation['champion_perplexity']:.2f}" in label
+    rise = evaluation["candidate_perplexity"] / evaluation["champion_perplexity"] - 1
+    assert float(drift.rstrip("%")) == pytest.approx(100 * rise, abs=0.06)
 
 
 def test_eval_open_ended_win_rate(finished_round):
@@ -210,7 +215,7 @@ def test_eval_scores_a_model_folder(finished_round):
     folder = record["trained"]["path"]
     result = run_cli(workspace, "eval", "--model", folder, "--against", "none", "--config", str(recipe))
     assert f"{folder} ({folder}) on 6 held-out prompts" in result.stdout
-    assert "win rate" not in result.stdout
+    assert "win rate" not in result.stdout and "against the base" not in result.stdout  # a folder has no lineage
     _, strict, _ = _cells(result.stdout, "prompt accuracy")
     assert float(strict) == pytest.approx(record["evaluation"]["candidate"]["prompt_accuracy"], abs=1e-3)
     missing = run_cli(workspace, "eval", "--model", str(workspace / "nope"), "--config", str(recipe), check=False)

@@ -298,7 +298,7 @@ def test_lineage_base_follows_parents_to_the_first_registered_version(registry_w
 
 def test_base_probe_perplexity_is_measured_once_and_again_when_the_probe_changes(registry_workspace, monkeypatch):
     import flywheel.probe
-    from flywheel.stages import Champion, base_probe_perplexity
+    from flywheel.stages import base_probe_perplexity
 
     config, workspace = registry_workspace
     name = config.model.registered_name
@@ -312,16 +312,14 @@ def test_base_probe_perplexity_is_measured_once_and_again_when_the_probe_changes
 
     monkeypatch.setattr(flywheel.probe, "perplexity", fake_perplexity)
     # While the base is the champion its probe is the champion's: nothing is measured again.
-    base_champion = Champion(version="1", path=str(config.model.base), sha256="")
-    assert base_probe_perplexity(workspace, name, base_champion, 19.5, device="cpu") == ("1", 19.5)
+    assert base_probe_perplexity(workspace, name, "1", 19.5, device="cpu") == ("1", 19.5)
     assert measured == []
-    later = Champion(version="2", path=str(config.model.base), sha256="")
-    assert base_probe_perplexity(workspace, name, later, 30.0, device="cpu") == ("1", 19.5)  # from the cache
+    assert base_probe_perplexity(workspace, name, "2", 30.0, device="cpu") == ("1", 19.5)  # from the cache
     assert measured == []
     # Other probe texts make the cached figure stale: the base is materialized and measured, once.
     monkeypatch.setattr(flywheel.probe, "PROBE_TEXTS", ("Another text entirely.",))
-    assert base_probe_perplexity(workspace, name, later, 30.0, device="cpu") == ("1", 21.0)
-    assert base_probe_perplexity(workspace, name, later, 30.0, device="cpu") == ("1", 21.0)
+    assert base_probe_perplexity(workspace, name, "2", 30.0, device="cpu") == ("1", 21.0)
+    assert base_probe_perplexity(workspace, name, "2", 30.0, device="cpu") == ("1", 21.0)
     assert len(measured) == 1 and (measured[0] / "config.json").is_file()
 
 

@@ -19,6 +19,7 @@ class Lineage(BaseModel):
     version: str
     aliases: list[str]
     parent_version: str | None
+    base_version: str | None  # the first version of its parent chain, the drift budget's reference
     round: int | None
     round_tag: str | None
     git_commit: str | None
@@ -55,6 +56,7 @@ def trace(workspace: Workspace, name: str, ref: str) -> Lineage:
                     f"flywheel checkout --round {round_number}"]
     return Lineage(
         name=name, version=info.version, aliases=info.aliases, parent_version=tags.get(f"{t}parent_version"),
+        base_version=tags.get(f"{t}base_version"),
         round=round_number, round_tag=round_tag, git_commit=tags.get(f"{t}git_commit"),
         dataset_md5=tags.get(f"{t}dataset_md5"), config_hash=tags.get(f"{t}config_hash"), config=config,
         review=review, metrics=metrics, model_sha256=tags.get(f"{t}model_sha256"), restore_commands=commands,
@@ -64,7 +66,8 @@ def trace(workspace: Workspace, name: str, ref: str) -> Lineage:
 def render(lineage: Lineage) -> str:
     lines = [f"{lineage.name} v{lineage.version}" + (f"  [{', '.join(lineage.aliases)}]" if lineage.aliases else "")]
     fields = [
-        ("parent version", lineage.parent_version), ("round", lineage.round), ("git tag", lineage.round_tag),
+        ("parent version", lineage.parent_version), ("base version", lineage.base_version), ("round", lineage.round),
+        ("git tag", lineage.round_tag),
         ("git commit", lineage.git_commit), ("dataset (DVC md5)", lineage.dataset_md5),
         ("config hash", lineage.config_hash), ("weights sha256", lineage.model_sha256),
     ]

@@ -1014,7 +1014,8 @@ def lineage_base(tracking_uri: str, name: str, version: str) -> registry.Version
     seen: set[str] = set()
     info = registry.get_version(tracking_uri, name, version)
     while info.tags.get(f"{registry.TAG}round") != "0":
-        parent = info.tags.get(f"{registry.TAG}parent_version")
+        # Versions record their base (register_candidate): one lookup instead of one per round since the base.
+        parent = info.tags.get(f"{registry.TAG}base_version") or info.tags.get(f"{registry.TAG}parent_version")
         if parent is None or info.version in seen:
             return None
         seen.add(info.version)
@@ -1135,6 +1136,7 @@ def register_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
             f"{registry.TAG}judges": ",".join(config.feedback.judges),
             **{f"{registry.TAG}{k}": f"{v:.6f}" for k, v in evaluation.metrics().items() if "type." not in k},
             **_refiner_tags(quality, trained),
+            **({f"{registry.TAG}base_version": evaluation.base_version} if evaluation.base_version else {}),
         }
         existing = registry.register_model_dir(
             uri, name, Path(trained.path), context.run_id, tags=tags, aliases=(registry.CANDIDATE,),

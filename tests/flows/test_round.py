@@ -126,6 +126,7 @@ def test_promote_then_next_round_starts_from_new_champion(finished_round):
     # The drift budget's reference is the base (v1), measured in round 1 as its champion.
     records = [json.loads((workspace / ".flywheel" / "rounds" / f"round-000{n}.json").read_text()) for n in (1, 2)]
     assert records[1]["evaluation"]["base_version"] == "1"
+    assert second.tags["flywheel.base_version"] == "1"
     assert records[1]["evaluation"]["base_perplexity"] == records[0]["evaluation"]["champion_perplexity"]
     assert records[1]["evaluation"]["champion_perplexity"] == records[0]["evaluation"]["candidate_perplexity"]
     assert registry.get_version(uri(workspace), "tiny-policy", "champion").version == "3"
@@ -141,7 +142,7 @@ def test_lineage_traces_version_to_data_and_checkout_restores_it(finished_round)
     workspace, recipe, _ = finished_round
     out = run_cli(workspace, "lineage", "2", "--config", str(recipe)).stdout
     tags = registry.get_version(uri(workspace), "tiny-policy", "2").tags
-    for expected in ("tiny-policy v2", "parent version     1", "git tag            round-0001",
+    for expected in ("tiny-policy v2", "parent version     1", "base version       1", "git tag            round-0001",
                      tags["flywheel.dataset_md5"], tags["flywheel.git_commit"], "approved by policy:auto",
                      "eval.candidate.prompt_accuracy", '"registered_name": "tiny-policy"',
                      "flywheel checkout --round 1"):

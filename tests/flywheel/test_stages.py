@@ -282,6 +282,7 @@ def _register_child(config, workspace, round_number: int, parent: str | None):
 
 
 def test_lineage_base_follows_parents_to_the_first_registered_version(registry_workspace):
+    from flywheel import registry
     from flywheel.stages import lineage_base
 
     config, workspace = registry_workspace
@@ -294,6 +295,12 @@ def test_lineage_base_follows_parents_to_the_first_registered_version(registry_w
     assert lineage_base(uri, name, "4").version == "1"
     assert lineage_base(uri, name, "1").version == "1"
     assert lineage_base(uri, name, "5") is None
+    # A version that records its base is answered from that tag, without reading its parents.
+    client = registry.client(uri)
+    client.set_model_version_tag(name, "4", "flywheel.base_version", "1")
+    client.set_model_version_tag(name, "3", "flywheel.parent_version", "5")  # the chain would end at v5
+    assert lineage_base(uri, name, "4").version == "1"
+    assert lineage_base(uri, name, "3") is None
 
 
 def test_base_probe_perplexity_is_measured_once_and_again_when_the_probe_changes(registry_workspace, monkeypatch):

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 RECIPES = {
-    "best_of_n": "default.yaml",
-    "repair": "repair.yaml",
+    "best_of_n": "best-of-n.yaml",
+    "repair": "default.yaml",
     "self_refine": "self-refine.yaml",
     "spar": "spar.yaml",
     "sami": "sami.yaml",

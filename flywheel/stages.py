@@ -1068,20 +1068,29 @@ def check_evaluation_tables(config: FlywheelConfig, workspace: Workspace, contex
     enforce(checked.report)
 
 
-def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: RoundContext, split: PromptSplit,
-                       trained: TrainedModel, progress: Progress | None = None) -> Evaluation:
-    """Both models answer the held-out prompts greedily; the champion's answers are cached per version."""
+def evaluation_cache(config: FlywheelConfig, workspace: Workspace, split: PromptSplit, model: str,
+                     device: str) -> Path:
+    """Where a model's greedy held-out answers are kept, by its weights' digest (``model``) and everything else the
+    answers depend on: the prompts, the evaluation and generation settings, the device. A candidate's answers are
+    therefore its own answers as next round's champion: a promoted model is not evaluated twice."""
     import hashlib
 
-    from flywheel.evaluation import compare
+    key = hashlib.sha256(Path(split.eval_path).read_bytes() + config.evaluation.model_dump_json().encode()
+                         + config.generation.model_dump_json().encode() + device.encode()).hexdigest()[:12]
+    return workspace.state / "evals" / f"model-{model[:16]}-{key}.parquet"
 
-    eval_key = hashlib.sha256(Path(split.eval_path).read_bytes() + config.evaluation.model_dump_json().encode())
-    cache = workspace.state / "evals" / f"{config.model.registered_name}-v{context.champion.version}-" \
-                                        f"{eval_key.hexdigest()[:12]}.parquet"
+
+def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: RoundContext, split: PromptSplit,
+                       trained: TrainedModel, progress: Progress | None = None) -> Evaluation:
+    """Both models answer the held-out prompts greedily; a model's answers and probe are cached by its digest."""
+    from flywheel.evaluation import compare
     from flywheel.models import resolve_device
     from flywheel.probe import perplexity
 
     device = resolve_device(config.generation.device)
+    # A champion registered without its digest (an old record) is cached under its version instead.
+    champion_key = context.champion.sha256 or f"{config.model.registered_name}-v{context.champion.version}"
+    cache = evaluation_cache(config, workspace, split, champion_key, device)
     probe_cache = cache.with_suffix(".probe.json")
     if cache.is_file() and probe_cache.is_file():
         champion = read_table(cache)
@@ -1092,6 +1101,10 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
         write_parquet(champion, cache)
         write_json({"perplexity": champion_perplexity}, probe_cache)
     candidate = _greedy_eval(config, Path(trained.path), split, progress, workspace.state)
+    candidate_perplexity = perplexity(Path(trained.path), device=device)
+    candidate_cache = evaluation_cache(config, workspace, split, trained.sha256, device)
+    write_parquet(candidate, candidate_cache)
+    write_json({"perplexity": candidate_perplexity}, candidate_cache.with_suffix(".probe.json"))
     work = Path(context.work_dir)
     write_parquet(candidate, work / "eval_candidate.parquet")
     write_parquet(champion, work / "eval_champion.parquet")
@@ -1099,7 +1112,7 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
     base = base_probe_perplexity(workspace, config.model.registered_name, context.champion.version,
                                  champion_perplexity, device=device)
     evaluation = compare(candidate, champion).model_copy(update={
-        "candidate_perplexity": perplexity(Path(trained.path), device=device),
+        "candidate_perplexity": candidate_perplexity,
         "champion_perplexity": champion_perplexity,
         **({"base_version": base[0], "base_perplexity": base[1]} if base is not None else {}),
     })

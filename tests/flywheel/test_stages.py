@@ -342,3 +342,55 @@ def test_decide_promotion_refuses_a_candidate_past_the_drift_budget(registry_wor
     past = _decide_on(registry_workspace, policy, (0.4, 0.5), (0.3, 0.4), candidate_perplexity=11.6,
                       champion_perplexity=11.0, base_perplexity=10.0, base_version="1")
     assert not past.promoted and "+16.0% against the base (v1) > 15.0%" in past.reason
+
+
+# --- held-out answers are cached by the model's digest: a promoted candidate is not evaluated again -------------
+
+def test_a_promoted_candidates_answers_serve_as_its_answers_when_champion(registry_workspace, monkeypatch, tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    import flywheel.probe
+    from flywheel import stages
+
+    config, workspace = registry_workspace
+    eval_path = tmp_path / "eval.jsonl"
+    eval_path.write_text('{"id": "p1"}\n')
+    split = stages.PromptSplit(train_path=str(eval_path), eval_path=str(eval_path), train=0, eval=1, round_prompts=0)
+    answered = []
+
+    def greedy(config, model_dir, split, progress, state_dir):
+        answered.append(Path(model_dir).name)
+        passed = Path(model_dir).name != "a"  # every later model meets the instruction the base missed
+        return pd.DataFrame([{"row_id": "p1-s0", "prompt_id": "p1", "prompt": "t", "sample_index": 0, "response": "r",
+                              "n_tokens": 3, "finished": True, "score": float(passed), "passed": passed,
+                              "checks": json.dumps({"no_commas": passed})}])
+
+    monkeypatch.setattr(stages, "_greedy_eval", greedy)
+    monkeypatch.setattr(flywheel.probe, "perplexity", lambda model_dir, device="cpu": 10.0 + len(Path(model_dir).name))
+    monkeypatch.setattr(stages, "check_evaluation_tables", lambda *args: None)
+    monkeypatch.setattr(stages, "base_probe_perplexity", lambda *args, **kwargs: None)
+    monkeypatch.setattr(stages, "log_metrics", lambda *args: None)
+
+    def evaluate(champion: str, candidate: str, number: int, recipe=config):
+        work = tmp_path / f"round-{number}"
+        work.mkdir(exist_ok=True)
+        context = stages.RoundContext(
+            number=number, name=f"round-{number}", data_dir=str(work), work_dir=str(work), run_id="r", config_hash="h",
+            champion=stages.Champion(version=str(number), path=f"/models/{champion}", sha256=champion * 64))
+        trained = SimpleNamespace(path=f"/models/{candidate}", sha256=candidate * 64)
+        answered.clear()
+        return stages.evaluate_candidate(recipe, workspace, context, split, trained), list(answered)
+
+    first, models = evaluate("a", "b", 1)
+    assert models == ["a", "b"] and first.candidate.prompt_accuracy == 1.0
+    # b promoted: its answers and probe from round 1 are its answers as champion.
+    second, models = evaluate("b", "c", 2)
+    assert models == ["c"]
+    assert second.champion == first.candidate and second.champion_perplexity == first.candidate_perplexity
+    # Other evaluation settings make other answers: measured again.
+    longer = config.model_copy(update={"evaluation": config.evaluation.model_copy(update={"max_new_tokens": 7})})
+    _, models = evaluate("c", "d", 3, recipe=longer)
+    assert models == ["c", "d"]

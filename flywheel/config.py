@@ -254,6 +254,11 @@ class TrainingConfig(Section):
                            "constitutions (strategy sami); grpo: online GRPO on the round's prompts (strategy grpo).")
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: as many as epochs need.")
+    max_rows: int | None = Field(
+        None, ge=1, description="At most this many training rows a round: a sample seeded by the recipe's seed and "
+                                "the round, the same on every attempt. A promoted model passes more often and yields "
+                                "more rows, so this bounds a round's training time; the dataset keeps every row, and "
+                                "the round record's trained rows against its clean rows show the cut (None: all).")
     learning_rate: float = Field(1e-5, gt=0)
     batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)

@@ -694,6 +694,7 @@ def train_candidate(config: FlywheelConfig, workspace: Workspace, context: Round
     rows, options = table.to_dict(orient="records"), {}
     if config.training.method == "grpo":
         rows, options = grpo_rows(table, Path(context.data_dir) / "prompts.jsonl"), grpo_options(config, context)
+    rows = bounded_rows(rows, config.training.max_rows, seed=config.seed * 10_000 + context.number)
 
     def sink(metrics: dict[str, float], step: int) -> None:
         log_metrics(workspace, context.run_id, {f"train.{k}": v for k, v in metrics.items()}, step)
@@ -705,6 +706,16 @@ def train_candidate(config: FlywheelConfig, workspace: Workspace, context: Round
         return _launch_training(config, context, rows, output, metadata, checkpoints, sink)
     return train(Path(context.champion.path), rows, config.training, output, seed=config.seed, metrics=sink,
                  checkpoint_dir=checkpoints, metadata=metadata, method_options=options)
+
+
+def bounded_rows(rows: list, limit: int | None, seed: int) -> list:
+    """At most ``limit`` of the rows, a seeded sample in their original order (all of them under the limit)."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    import random
+
+    kept = sorted(random.Random(seed).sample(range(len(rows)), limit))
+    return [rows[i] for i in kept]
 
 
 def _launch_training(config: FlywheelConfig, context: RoundContext, rows: list[dict], output: Path, metadata: dict,

@@ -1,4 +1,5 @@
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -348,7 +349,6 @@ def test_decide_promotion_refuses_a_candidate_past_the_drift_budget(registry_wor
 
 def test_a_promoted_candidates_answers_serve_as_its_answers_when_champion(registry_workspace, monkeypatch, tmp_path):
     import json
-    from types import SimpleNamespace
 
     import pandas as pd
 
@@ -394,3 +394,37 @@ def test_a_promoted_candidates_answers_serve_as_its_answers_when_champion(regist
     longer = config.model_copy(update={"evaluation": config.evaluation.model_copy(update={"max_new_tokens": 7})})
     _, models = evaluate("c", "d", 3, recipe=longer)
     assert models == ["c", "d"]
+
+
+# --- a bound on a round's training rows ---------------------------------------------------------------------------
+
+def test_bounded_rows_keeps_a_seeded_sample_in_order():
+    from flywheel.stages import bounded_rows
+
+    rows = [{"i": i} for i in range(100)]
+    assert bounded_rows(rows, None, seed=1) == rows and bounded_rows(rows, 100, seed=1) == rows
+    kept = bounded_rows(rows, 80, seed=1)
+    assert len(kept) == 80 and kept == sorted(kept, key=lambda r: r["i"])
+    assert bounded_rows(rows, 80, seed=1) == kept  # the same on a re-run of the round
+    assert bounded_rows(rows, 80, seed=2) != kept  # another round draws another sample
+
+
+def test_train_candidate_trains_on_at_most_max_rows(registry_workspace, monkeypatch, tmp_path):
+    import pandas as pd
+
+    import flywheel.training
+    from flywheel import stages
+
+    config, workspace = registry_workspace
+    config = config.model_copy(update={"training": config.training.model_copy(update={"max_rows": 5})})
+    table = tmp_path / "pairs.parquet"
+    prompts = [f"p{i}" for i in range(12)]
+    pd.DataFrame({"prompt": prompts, "chosen": ["a"] * 12, "rejected": ["b"] * 12}).to_parquet(table)
+    quality = SimpleNamespace(clean=SimpleNamespace(pairs_path=str(table), sft_path=str(table)))
+    context = stages.RoundContext(number=3, name="round-3", data_dir=str(tmp_path), work_dir=str(tmp_path),
+                                  run_id="r", config_hash="h",
+                                  champion=stages.Champion(version="1", path=str(tmp_path), sha256="a"))
+    trained_on = []
+    monkeypatch.setattr(flywheel.training, "train", lambda base, rows, *args, **kwargs: trained_on.append(rows))
+    stages.train_candidate(config, workspace, context, quality, SimpleNamespace(dvc_md5="m"))
+    assert len(trained_on[0]) == 5 and {r["prompt"] for r in trained_on[0]} < set(prompts)

@@ -1081,14 +1081,16 @@ def check_evaluation_tables(config: FlywheelConfig, workspace: Workspace, contex
 
 def evaluation_cache(config: FlywheelConfig, workspace: Workspace, split: PromptSplit, model: str,
                      device: str) -> Path:
-    """Where a model's greedy held-out answers are kept, by its weights' digest (``model``) and everything else the
-    answers depend on: the prompts, the evaluation and generation settings, the device. A candidate's answers are
-    therefore its own answers as next round's champion: a promoted model is not evaluated twice."""
+    """Where a model's greedy held-out answers are kept, by the model's identity (``model``: its weights' digest)
+    and everything else the answers depend on: the prompts, the evaluation and generation settings, the device. A
+    candidate's answers are therefore its own answers as next round's champion: a promoted model is not evaluated
+    twice."""
     import hashlib
 
-    key = hashlib.sha256(Path(split.eval_path).read_bytes() + config.evaluation.model_dump_json().encode()
-                         + config.generation.model_dump_json().encode() + device.encode()).hexdigest()[:12]
-    return workspace.state / "evals" / f"model-{model[:16]}-{key}.parquet"
+    key = hashlib.sha256(b"\0".join([model.encode(), Path(split.eval_path).read_bytes(),
+                                      config.evaluation.model_dump_json().encode(),
+                                      config.generation.model_dump_json().encode(), device.encode()]))
+    return workspace.state / "evals" / f"answers-{key.hexdigest()[:20]}.parquet"
 
 
 def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: RoundContext, split: PromptSplit,

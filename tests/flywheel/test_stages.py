@@ -396,6 +396,25 @@ def test_a_promoted_candidates_answers_serve_as_its_answers_when_champion(regist
     assert models == ["c", "d"]
 
 
+def test_evaluation_cache_tells_every_model_and_setting_apart(registry_workspace, tmp_path):
+    from flywheel.stages import PromptSplit, evaluation_cache
+
+    config, workspace = registry_workspace
+    eval_path = tmp_path / "eval.jsonl"
+    eval_path.write_text('{"id": "p1"}\n')
+    split = PromptSplit(train_path=str(eval_path), eval_path=str(eval_path), train=0, eval=1, round_prompts=0)
+    sampled = config.model_copy(update={"generation": config.generation.model_copy(update={"temperature": 0.5})})
+    paths = {evaluation_cache(config, workspace, split, "a" * 64, "cpu"),
+             evaluation_cache(config, workspace, split, "b" * 64, "cpu"),
+             # versions without a digest share a long common prefix
+             evaluation_cache(config, workspace, split, "tiny-policy-registered-v3", "cpu"),
+             evaluation_cache(config, workspace, split, "tiny-policy-registered-v4", "cpu"),
+             evaluation_cache(config, workspace, split, "a" * 64, "cuda"),
+             evaluation_cache(sampled, workspace, split, "a" * 64, "cpu")}
+    assert len(paths) == 6
+    assert evaluation_cache(config, workspace, split, "a" * 64, "cpu") in paths  # and the same again
+
+
 # --- a bound on a round's training rows ---------------------------------------------------------------------------
 
 def test_bounded_rows_keeps_a_seeded_sample_in_order():

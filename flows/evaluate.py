@@ -31,7 +31,7 @@ def evaluate_model(config: FlywheelConfig = FlywheelConfig(), ref: str = registr
         f"| constraint accuracy | {scores.constraint_accuracy:.3f} |\n| truncated | {scores.truncated_share:.3f} |\n"
         f"| probe perplexity | {result.perplexity:.2f} |\n"
         + (f"| probe perplexity against the base (v{result.base_version}) | "
-           f"{result.perplexity / result.base_perplexity - 1:+.1%} |\n" if result.base_perplexity else "")
+           f"{result.perplexity_increase_vs_base:+.1%} |\n" if result.perplexity_increase_vs_base is not None else "")
         + "\n" + (f"[MLflow model version]({link})\n" if link else ""),
         key=artifact_key("evaluation-summary", result.name),
     )

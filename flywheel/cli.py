@@ -376,9 +376,9 @@ def evaluate(ref: Annotated[str | None, typer.Argument(
         table.add_row(f"  {kind}" + (f" (n={count})" if count else ""), f"{share:.3f}", "")
     table.add_row("truncated share", f"{scores.truncated_share:.3f}", "")
     table.add_row("perplexity (probe)", f"{result.perplexity:.2f}", "")
-    if result.base_perplexity is not None:
+    if result.perplexity_increase_vs_base is not None:
         table.add_row(f"  against the base (v{result.base_version}: {result.base_perplexity:.2f})",
-                      f"{result.perplexity / result.base_perplexity - 1:+.1%}", "")
+                      f"{result.perplexity_increase_vs_base:+.1%}", "")
     if result.win_rate is not None:
         table.add_row(f"win rate vs {result.against} (v{result.against_version}, {result.win_judge})",
                       f"{result.win_rate:.3f}", "")

@@ -35,6 +35,10 @@ class VersionEvaluation(BaseModel):
     open_ended: OpenEndedResult | None = None  # against `against`, on open-ended prompts, by an LLM judge
     open_ended_path: str | None = None  # the answers and verdicts
 
+    @property
+    def perplexity_increase_vs_base(self) -> float | None:
+        return None if self.base_perplexity is None else self.perplexity / self.base_perplexity - 1
+
 
 class ResolvedModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -45,6 +45,7 @@ class ResolvedModel(BaseModel):
     name: str
     version: str
     path: str
+    key: str = ""  # a registered version's identity for caches (stages.model_key); a folder has none
 
 
 def resolve_model(config: FlywheelConfig, workspace: Workspace, ref: str) -> ResolvedModel:
@@ -60,7 +61,9 @@ def resolve_model(config: FlywheelConfig, workspace: Workspace, ref: str) -> Res
         raise ModelError(f"{ref}: model folder not found")
     name = config.model.registered_name
     info = registry.get_version(workspace.tracking_uri, name, ref)
-    return ResolvedModel(name=name, version=info.version,
+    from flywheel.stages import model_key
+
+    return ResolvedModel(name=name, version=info.version, key=model_key(name, info),
                          path=str(registry.materialize(workspace.tracking_uri, info, workspace.models)))
 
 
@@ -119,11 +122,13 @@ def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = re
                                                         rows_path=rows, progress=progress)
             extra["open_ended_path"] = str(rows)
     device = resolve_device(config.generation.device)
-    own = perplexity(Path(model.path), device=device)
-    if model.version != "folder":
-        from flywheel.stages import base_probe_perplexity
+    if model.version == "folder":  # a folder's contents may change: measured every time
+        own = perplexity(Path(model.path), device=device)
+    else:
+        from flywheel.stages import base_probe_perplexity, probe_perplexity
 
-        base = base_probe_perplexity(workspace, model.name, model.version, own, device=device)
+        own = probe_perplexity(workspace, model.key, lambda: Path(model.path), device)
+        base = base_probe_perplexity(workspace, model.name, model.version, device=device)
         if base is not None:
             extra.update(base_version=base[0], base_perplexity=base[1])
     return VersionEvaluation(name=model.name, ref=ref, version=model.version, scores=summarize(judged),

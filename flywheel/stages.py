@@ -1034,30 +1034,37 @@ def lineage_base(tracking_uri: str, name: str, version: str) -> registry.Version
     return info
 
 
-def base_probe_perplexity(workspace: Workspace, name: str, version: str, version_perplexity: float,
-                          device: str) -> tuple[str, float] | None:
-    """(version, probe perplexity) of the base a registered version descends from, measured once per workspace:
-    cached under the base's version with the weights' digest and the probe's texts, so a changed probe or model is
-    measured again. ``version_perplexity`` (the version's own probe) is the base's when the version is the base."""
+def model_key(name: str, info) -> str:
+    """A registered version's identity for caches: its weights' digest, or its name and version for a version
+    registered without one (an old record)."""
+    return info.tags.get(f"{registry.TAG}model_sha256") or f"{name}-v{info.version}"
+
+
+def probe_perplexity(workspace: Workspace, key: str, model_dir: Callable[[], Path], device: str) -> float:
+    """A model's general-text probe perplexity (``flywheel.probe``), measured once per model (``key``: its weights'
+    digest), probe texts and device; one cache serves the champion, the candidate, the base and ``flywheel eval``.
+    ``model_dir`` gives the model's folder, and is called only when the figure is not cached: a registered base is
+    then materialized."""
     import hashlib
 
-    from flywheel.probe import PROBE_TEXTS, perplexity
+    from flywheel import probe
 
+    digest = hashlib.sha256(b"\0".join([key.encode(), json.dumps(probe.PROBE_TEXTS).encode(), device.encode()]))
+    cache = workspace.state / "evals" / f"probe-{digest.hexdigest()[:20]}.json"
+    if cache.is_file():
+        return float(json.loads(cache.read_text())["perplexity"])
+    value = probe.perplexity(model_dir(), device=device)
+    write_json({"model": key, "device": device, "perplexity": value}, cache)
+    return value
+
+
+def base_probe_perplexity(workspace: Workspace, name: str, version: str, device: str) -> tuple[str, float] | None:
+    """(version, probe perplexity) of the base a registered version descends from; None when it has no lineage."""
     base = lineage_base(workspace.tracking_uri, name, version)
     if base is None:
         return None
-    key = {"model_sha256": base.tags.get(f"{registry.TAG}model_sha256"),
-           "probe_sha256": hashlib.sha256(json.dumps(PROBE_TEXTS).encode()).hexdigest()}
-    cache = workspace.state / "evals" / f"{name}-v{base.version}.probe.json"
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if all(cached.get(k) == v for k, v in key.items()):
-            return base.version, float(cached["perplexity"])
-    if base.version == version:
-        value = version_perplexity
-    else:
-        value = perplexity(registry.materialize(workspace.tracking_uri, base, workspace.models), device=device)
-    write_json({**key, "perplexity": value}, cache)
+    value = probe_perplexity(workspace, model_key(name, base), device=device,
+                             model_dir=lambda: registry.materialize(workspace.tracking_uri, base, workspace.models))
     return base.version, value
 
 
@@ -1098,32 +1105,25 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
     """Both models answer the held-out prompts greedily; a model's answers and probe are cached by its digest."""
     from flywheel.evaluation import compare
     from flywheel.models import resolve_device
-    from flywheel.probe import perplexity
 
     device = resolve_device(config.generation.device)
     # A champion registered without its digest (an old record) is cached under its version instead.
     champion_key = context.champion.sha256 or f"{config.model.registered_name}-v{context.champion.version}"
     cache = evaluation_cache(config, workspace, split, champion_key, device)
-    probe_cache = cache.with_suffix(".probe.json")
-    if cache.is_file() and probe_cache.is_file():
+    if cache.is_file():
         champion = read_table(cache)
-        champion_perplexity = json.loads(probe_cache.read_text())["perplexity"]
     else:
         champion = _greedy_eval(config, Path(context.champion.path), split, progress, workspace.state)
-        champion_perplexity = perplexity(Path(context.champion.path), device=device)
         write_parquet(champion, cache)
-        write_json({"perplexity": champion_perplexity}, probe_cache)
+    champion_perplexity = probe_perplexity(workspace, champion_key, lambda: Path(context.champion.path), device)
     candidate = _greedy_eval(config, Path(trained.path), split, progress, workspace.state)
-    candidate_perplexity = perplexity(Path(trained.path), device=device)
-    candidate_cache = evaluation_cache(config, workspace, split, trained.sha256, device)
-    write_parquet(candidate, candidate_cache)
-    write_json({"perplexity": candidate_perplexity}, candidate_cache.with_suffix(".probe.json"))
+    write_parquet(candidate, evaluation_cache(config, workspace, split, trained.sha256, device))
+    candidate_perplexity = probe_perplexity(workspace, trained.sha256, lambda: Path(trained.path), device)
     work = Path(context.work_dir)
     write_parquet(candidate, work / "eval_candidate.parquet")
     write_parquet(champion, work / "eval_champion.parquet")
     check_evaluation_tables(config, workspace, context, {"eval_candidate": candidate, "eval_champion": champion})
-    base = base_probe_perplexity(workspace, config.model.registered_name, context.champion.version,
-                                 champion_perplexity, device=device)
+    base = base_probe_perplexity(workspace, config.model.registered_name, context.champion.version, device=device)
     evaluation = compare(candidate, champion).model_copy(update={
         "candidate_perplexity": candidate_perplexity,
         "champion_perplexity": champion_perplexity,

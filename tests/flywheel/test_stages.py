@@ -304,9 +304,35 @@ def test_lineage_base_follows_parents_to_the_first_registered_version(registry_w
     assert lineage_base(uri, name, "3") is None
 
 
-def test_base_probe_perplexity_is_measured_once_and_again_when_the_probe_changes(registry_workspace, monkeypatch):
+def test_probe_perplexity_is_measured_once_per_model_probe_and_device(registry_workspace, monkeypatch):
     import flywheel.probe
-    from flywheel.stages import base_probe_perplexity
+    from flywheel.stages import probe_perplexity
+
+    _, workspace = registry_workspace
+    measured = []
+
+    def fake_perplexity(model_dir, texts=flywheel.probe.PROBE_TEXTS, device="cpu"):
+        measured.append((Path(model_dir).name, device))
+        return 20.0 + len(measured)
+
+    monkeypatch.setattr(flywheel.probe, "perplexity", fake_perplexity)
+
+    def measure(key, device="cpu"):
+        return probe_perplexity(workspace, key, lambda: Path(f"/models/{key}"), device)
+
+    assert (measure("aaa"), measure("aaa"), measure("bbb")) == (21.0, 21.0, 22.0)
+    assert measure("aaa", device="cuda") == 23.0
+    # Other probe texts make every cached figure stale.
+    monkeypatch.setattr(flywheel.probe, "PROBE_TEXTS", ("Another text entirely.",))
+    assert (measure("aaa"), measure("aaa")) == (24.0, 24.0)
+    assert measured == [("aaa", "cpu"), ("bbb", "cpu"), ("aaa", "cuda"), ("aaa", "cpu")]
+
+
+def test_base_probe_perplexity_shares_the_champions_figure_and_materializes_the_base_once(registry_workspace,
+                                                                                          monkeypatch):
+    import flywheel.probe
+    from flywheel import registry
+    from flywheel.stages import base_probe_perplexity, model_key, probe_perplexity
 
     config, workspace = registry_workspace
     name = config.model.registered_name
@@ -319,16 +345,17 @@ def test_base_probe_perplexity_is_measured_once_and_again_when_the_probe_changes
         return 20.0 + len(measured)
 
     monkeypatch.setattr(flywheel.probe, "perplexity", fake_perplexity)
-    # While the base is the champion its probe is the champion's: nothing is measured again.
-    assert base_probe_perplexity(workspace, name, "1", 19.5, device="cpu") == ("1", 19.5)
-    assert measured == []
-    assert base_probe_perplexity(workspace, name, "2", 30.0, device="cpu") == ("1", 19.5)  # from the cache
-    assert measured == []
-    # Other probe texts make the cached figure stale: the base is materialized and measured, once.
+    # The base measured as the champion (by its digest) is the base's figure for every later version.
+    base = registry.get_version(workspace.tracking_uri, name, "1")
+    assert probe_perplexity(workspace, model_key(name, base), lambda: Path("/champion"), "cpu") == 21.0
+    assert base_probe_perplexity(workspace, name, "1", device="cpu") == ("1", 21.0)
+    assert base_probe_perplexity(workspace, name, "2", device="cpu") == ("1", 21.0)
+    assert measured == [Path("/champion")]
+    # Not yet measured (another probe): the base is materialized from the registry and measured, once.
     monkeypatch.setattr(flywheel.probe, "PROBE_TEXTS", ("Another text entirely.",))
-    assert base_probe_perplexity(workspace, name, "2", 30.0, device="cpu") == ("1", 21.0)
-    assert base_probe_perplexity(workspace, name, "2", 30.0, device="cpu") == ("1", 21.0)
-    assert len(measured) == 1 and (measured[0] / "config.json").is_file()
+    assert base_probe_perplexity(workspace, name, "2", device="cpu") == ("1", 22.0)
+    assert base_probe_perplexity(workspace, name, "2", device="cpu") == ("1", 22.0)
+    assert len(measured) == 2 and (measured[1] / "config.json").is_file()
 
 
 def test_decide_promotion_applies_the_recipes_drift_budget(registry_workspace):

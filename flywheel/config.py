@@ -326,8 +326,9 @@ class BestOfNConfig(Section):
 
 class RepairConfig(Section):
     """Verifier-guided repair (``flywheel.repair``): failed answers get the mechanical fixes of the instructions
-    they break (case, commas, opening and closing phrases, postscripts, ...); a repair the verifier scores higher
-    becomes the pair (repaired, original), and an SFT target when it passes. Needs the verifier among the judges."""
+    they break (case, commas, opening and closing phrases, postscripts, list and section counts, highlights, titles,
+    ...); a repair the verifier scores higher becomes the pair (repaired, original), and an SFT target when it
+    passes. Needs the verifier among the judges."""
 
     types: list[str] | None = Field(None, description="Instruction types to repair; None: every type with a fixer.")
     trim_unfinished: bool = Field(True, description="A repaired answer is also cut back to its last complete "

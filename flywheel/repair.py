@@ -7,9 +7,12 @@ answer that passes every check is also an SFT target. This is also how a small p
 instructions it never meets on its own (asked for all capitals, SmolLM2-135M never answers in capitals, so
 rejection sampling alone has nothing to learn from).
 
-Types without a mechanical fix (word and keyword counts, bullets, JSON, ...) are left alone, and the verifier stays the
-judge: a repair is kept only when it satisfies more instructions than the original and breaks none the original met.
-Every fixer is a pure function ``(response, **args) -> response``.
+Structure is repaired too: a list with surplus items loses them, and prose becomes the asked number of bullets,
+numbered items or sections by grouping its sentences, so the policy sees structured answers that fit in its token
+limit (sampled ones are mostly cut off before their last item). Types without a mechanical fix (word and keyword
+counts, JSON, ...) are left alone, and the verifier stays the judge: a repair is kept only when it satisfies more
+instructions than the original and breaks none the original met. Every fixer is a pure function
+``(response, **args) -> response``.
 """
 
 from __future__ import annotations
@@ -75,6 +78,104 @@ def _fix_word_count_max(response: str, *, max_words: int) -> str:
     return " ".join(response.split()[:max_words])
 
 
+# A list item opens a line with a bullet (* - •) or a number (1. or 1)), as the list checks count them.
+_BULLET_ITEM = re.compile(r"^[ \t]*[*\-•][ \t]+(?=\S)")
+_NUMBERED_ITEM = re.compile(r"^[ \t]*\d+[.)][ \t]+(?=\S)")
+
+
+def _units(text: str) -> tuple[str, list[str]]:
+    """An answer as (introduction, units): its lines, or its sentences when it is one line. A title (<<...>>) and a
+    first line ending in a colon ("Here are three tips:") are kept as the introduction; list markers are dropped from
+    the units, and units without a letter (a stray "2.") are dropped."""
+    lines = [line.strip() for line in text.strip().split("\n") if line.strip()]
+    intro: list[str] = []
+    while len(lines) > 1 and (lines[0].endswith(":") or re.fullmatch(r"<<[^\n<>]*>>", lines[0])):
+        intro.append(lines.pop(0))
+    if len(lines) == 1:
+        lines = [part for part in re.split(r"(?<=[.!?])\s+", lines[0]) if part.strip()]
+    units = [_NUMBERED_ITEM.sub("", _BULLET_ITEM.sub("", line)).strip() for line in lines]
+    return "\n".join(intro), [unit for unit in units if re.search(r"[^\W\d_]", unit)]
+
+
+def _grouped(units: list[str], count: int) -> list[str]:
+    """``units`` in ``count`` consecutive groups of near-equal size, each joined into one text."""
+    bounds = [len(units) * index // count for index in range(count + 1)]
+    return [" ".join(units[bounds[i]:bounds[i + 1]]) for i in range(count)]
+
+
+def _fix_list(response: str, count: int, marker: Callable[[int], str], item: re.Pattern[str]) -> str:
+    """Exactly ``count`` list items: surplus items of an existing list are dropped; an answer without such a list
+    (prose, or a list in the other style) becomes one, its sentences or lines grouped into ``count`` items.
+    An answer with too few sentences for the items is returned as it is: there is nothing to split."""
+    lines = response.strip().split("\n")
+    items = [index for index, line in enumerate(lines) if item.match(line)]
+    if len(items) > count:
+        surplus = set(items[count:])
+        return "\n".join(line for index, line in enumerate(lines) if index not in surplus).strip()
+    if items:
+        return response
+    intro, units = _units(response)
+    if len(units) < count:
+        return response
+    body = "\n".join(f"{marker(index)}{text}" for index, text in enumerate(_grouped(units, count), start=1))
+    return f"{intro}\n{body}" if intro else body
+
+
+def _fix_bullet_count_exact(response: str, *, num_bullets: int) -> str:
+    return _fix_list(response, num_bullets, lambda _: "* ", _BULLET_ITEM)
+
+
+def _fix_numbered_list_count(response: str, *, num_items: int) -> str:
+    return _fix_list(response, num_items, lambda index: f"{index}. ", _NUMBERED_ITEM)
+
+
+def _fix_section_count(response: str, *, section_word: str, num_sections: int) -> str:
+    # Markers in another case ("Part 1" for PART) take the asked case; surplus sections are dropped from their
+    # marker on; an answer without markers is split into sections.
+    marker = re.compile(rf"^[\W_]*{re.escape(section_word)}\s+\d+")
+    recased = re.sub(rf"(?im)^([\W_]*){re.escape(section_word)}(?=\s+\d)", lambda m: m.group(1) + section_word,
+                     response.strip())
+    lines = recased.split("\n")
+    starts = [index for index, line in enumerate(lines) if marker.match(line)]
+    if len(starts) > num_sections:
+        return "\n".join(lines[:starts[num_sections]]).strip()
+    if starts:
+        return recased
+    intro, units = _units(response)
+    if len(units) < num_sections:
+        return response
+    sections = [f"{section_word} {index}\n{text}" for index, text in enumerate(_grouped(units, num_sections), start=1)]
+    return "\n\n".join([intro, *sections] if intro else sections)
+
+
+def _fix_highlighted_sections(response: str, *, num_highlights: int) -> str:
+    # The first sentences not yet marked up are set in bold (inside a list item, after its marker): bold, not
+    # italics, because a single asterisk next to a bullet's asterisk would not read as a highlight.
+    missing = num_highlights - sum(1 for text in re.findall(r"\*\*([^\n*]+)\*\*", response) if text.strip())
+    missing -= sum(1 for text in re.findall(r"(?<!\*)\*([^\n*]+)\*(?!\*)", response) if text.strip())
+    lines = response.split("\n")
+    for index, line in enumerate(lines):
+        if missing <= 0:
+            break
+        prefix = (_BULLET_ITEM.match(line) or _NUMBERED_ITEM.match(line) or re.match(r"[ \t]*", line)).group(0)
+        parts = re.split(r"(?<=[.!?])(\s+)", line[len(prefix):])
+        for position in range(0, len(parts), 2):
+            text = parts[position]
+            if missing > 0 and "*" not in text and _words(text):
+                parts[position] = f"**{text.strip()}**"
+                missing -= 1
+        lines[index] = prefix + "".join(parts)
+    return "\n".join(lines)
+
+
+def _fix_title(response: str) -> str:
+    # The title is the answer's own opening words (up to the first punctuation, at most six): the fix adds the
+    # markup the check asks for, not new content.
+    opening = re.split(r"[^\w\s'’-]", _BULLET_ITEM.sub("", response.strip()), maxsplit=1)[0]
+    words = opening.split()[:6] or ["Answer"]
+    return f"<<{' '.join(word[:1].upper() + word[1:] for word in words)}>>\n\n{response.strip()}"
+
+
 def _fix_start_with_phrase(response: str, *, phrase: str) -> str:
     opening = phrase.strip()
     return f"{opening}{'' if opening[-1] in '.!?:,' else '.'} {response.lstrip()}"
@@ -109,14 +210,20 @@ def _fix_quotation_wrapped(response: str) -> str:
     return f'"{response.strip()}"'
 
 
-# Applied in this order: edits inside the text first, then what is added at its start and end, then the case of the
-# whole (so added phrases are in the asked case too), and the quotation marks around everything last.
+# Applied in this order: edits inside the text first, then its structure (lists, sections, then highlights inside
+# them), then what is added at its start and end, then the case of the whole (so added phrases are in the asked case
+# too), and the quotation marks around everything last.
 FIXERS: dict[str, Fixer] = {
     "forbidden_words": _fix_forbidden_words,
     "no_commas": _fix_no_commas,
     "word_count_max": _fix_word_count_max,
+    "bullet_count_exact": _fix_bullet_count_exact,
+    "numbered_list_count": _fix_numbered_list_count,
+    "section_count": _fix_section_count,
+    "highlighted_sections": _fix_highlighted_sections,
     "start_with_phrase": _fix_start_with_phrase,
     "first_word": _fix_first_word,
+    "title": _fix_title,
     "postscript": _fix_postscript,
     "end_with_phrase": _fix_end_with_phrase,
     "ends_with_question": _fix_ends_with_question,

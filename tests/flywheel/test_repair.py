@@ -18,6 +18,11 @@ FIXER_CASES = [
     ("forbidden_words", {"forbidden_words": ["very", "just"]}),
     ("no_commas", {}),
     ("word_count_max", {"max_words": 10}),
+    ("bullet_count_exact", {"num_bullets": 2}),
+    ("numbered_list_count", {"num_items": 2}),
+    ("section_count", {"section_word": "Part", "num_sections": 2}),
+    ("highlighted_sections", {"num_highlights": 2}),
+    ("title", {}),
     ("start_with_phrase", {"phrase": "Hello there"}),
     ("first_word", {"word": "Today"}),
     ("postscript", {"marker": "P.S."}),
@@ -64,6 +69,54 @@ def test_fixes_compose_in_order_case_last_and_quotes_outermost():
     assert fixed.startswith("OF COURSE. GARDENS ARE CALM AND")
     wrapped = repair([Constraint(type="all_lowercase"), Constraint(type="quotation_wrapped")], ANSWER)
     assert wrapped.startswith('"gardens') and wrapped.endswith('slowly."')
+
+
+LIST = "Here are some tips:\n* Eat well.\n* Sleep more.\n* Walk daily.\n* Drink water.\n* Read every"
+
+
+def test_prose_becomes_the_asked_structure_by_grouping_its_sentences():
+    bullets = repair([Constraint(type="bullet_count_exact", args={"num_bullets": 2})], ANSWER)
+    assert bullets == "* Gardens are calm, and they are green.\n* We walk there every day, very slowly."
+    three = "One is here. Two is here. Three is here."
+    assert repair([Constraint(type="numbered_list_count", args={"num_items": 2})], three) == (
+        "1. One is here.\n2. Two is here. Three is here.")
+    sections = repair([Constraint(type="section_count", args={"section_word": "SECTION", "num_sections": 2})], three)
+    assert sections == "SECTION 1\nOne is here.\n\nSECTION 2\nTwo is here. Three is here."
+
+
+def test_a_list_keeps_its_introduction_and_loses_only_surplus_items():
+    three = repair([Constraint(type="bullet_count_exact", args={"num_bullets": 3})], LIST)
+    assert three == "Here are some tips:\n* Eat well.\n* Sleep more.\n* Walk daily."
+    # A list in the other style is re-marked, its items grouped to the asked count.
+    numbered = repair([Constraint(type="numbered_list_count", args={"num_items": 2})], LIST)
+    assert numbered == "Here are some tips:\n1. Eat well. Sleep more.\n2. Walk daily. Drink water."
+    sections = "Part 1\nA is good.\nPart 2\nB is good.\nPart 3\nC is good."
+    assert repair([Constraint(type="section_count", args={"section_word": "Part", "num_sections": 2})], sections) == (
+        "Part 1\nA is good.\nPart 2\nB is good.")
+    # Markers in another case are re-cased, not added again.
+    assert repair([Constraint(type="section_count", args={"section_word": "PART", "num_sections": 2})],
+                  "Part 1: A is good.\npart 2: B is good.") == "PART 1: A is good.\nPART 2: B is good."
+    # A title stays ahead of the list, and a unit without a letter is not an item.
+    titled = repair([Constraint(type="numbered_list_count", args={"num_items": 2})],
+                    "<<Sleep>>\nSleep well.\nRest often.\n3.")
+    assert titled == "<<Sleep>>\n1. Sleep well.\n2. Rest often."
+
+
+def test_structure_that_cannot_be_made_is_left_alone():
+    # Two sentences cannot become four bullets, and a list with too few items has nothing to split.
+    four = Constraint(type="bullet_count_exact", args={"num_bullets": 4})
+    assert repair([four], "One point. Two points.") == "One point. Two points."
+    assert repair([four], "* One point.\n* Two points.") == "* One point.\n* Two points."
+
+
+def test_highlights_and_titles_mark_up_the_answers_own_words():
+    highlighted = repair([Constraint(type="highlighted_sections", args={"num_highlights": 2})], "* Eat well.\n* Rest.")
+    assert highlighted == "* **Eat well.**\n* **Rest.**"
+    both = [Constraint(type="highlighted_sections", args={"num_highlights": 2}),
+            Constraint(type="bullet_count_exact", args={"num_bullets": 2})]
+    assert verify(both, repair(both, "* Eat well.\n* Rest *now*.")).passed
+    assert repair([Constraint(type="title")], "Tea, in short, is good.") == "<<Tea>>\n\nTea, in short, is good."
+    assert repair([Constraint(type="title")], LIST).startswith("<<Here Are Some Tips>>\n\nHere are some tips:\n")
 
 
 def test_trim_unfinished_keeps_complete_sentences_and_lines():

@@ -278,6 +278,11 @@ class TrainingConfig(Section):
                               "an anchor of ordinary text that leaves the answers free to change; answer: the answer "
                               "tokens, against the very change the targets ask for (bench/README.md measured it "
                               "cancelling the gain).")
+    open_cut_off_targets: bool = Field(
+        False, description="SFT only: a target the token limit cut off (its row's `ended` is false: an accepted "
+                           "sample that did not finish, or a repair trimmed to its last sentence with nothing "
+                           "appended at its end) is trained without its end of turn, so the model learns its "
+                           "content, not to stop where the limit stopped it. false: every target ends its turn.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on a capable GPU, else fp32. bf16 (mixed precision) on a CPU needs native "
@@ -306,6 +311,8 @@ class TrainingConfig(Section):
         if self.kl_weight > 0 and self.method != "sft":
             raise ValueError(f"kl_weight anchors SFT to its starting model; method {self.method!r} does not take it "
                              "(DPO is anchored by its own reference: set it to 0)")
+        if self.open_cut_off_targets and self.method != "sft":
+            raise ValueError(f"open_cut_off_targets applies to SFT targets; method {self.method!r} has none")
         if self.processes > 1 and self.method == "grpo":
             raise ValueError("processes > 1 is not supported with method 'grpo' yet (its reward settings do not "
                              "travel to the launched processes)")

@@ -50,7 +50,8 @@ def build_pairs(samples, config: FeedbackConfig):
 
 
 def build_sft(samples, config: FeedbackConfig):
-    """Every distinct sample that meets the score bar is an SFT target for its prompt (never one without a verdict)."""
+    """Every distinct sample that meets the score bar is an SFT target for its prompt (never one without a verdict).
+    Rows carry ``ended``: whether the sample finished, or the token limit cut it off."""
     import pandas as pd
 
     samples = _with_verdict(samples)
@@ -63,10 +64,11 @@ def build_sft(samples, config: FeedbackConfig):
             "prompt": r.prompt,
             "completion": r.response,
             "score": float(r.score),
+            "ended": bool(getattr(r, "finished", True)),
         }
         for r in accepted.itertuples()
     ]
-    return pd.DataFrame(rows, columns=SFT_COLUMNS)
+    return pd.DataFrame(rows, columns=[*SFT_COLUMNS, "ended"])
 
 
 def _with_verdict(samples):

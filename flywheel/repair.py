@@ -210,6 +210,9 @@ def _fix_quotation_wrapped(response: str) -> str:
     return f'"{response.strip()}"'
 
 
+# The fixes that give an answer a real ending: one the token limit cut off ends its turn after them.
+ENDING_FIXES = frozenset({"postscript", "end_with_phrase", "ends_with_question", "quotation_wrapped"})
+
 # Applied in this order: edits inside the text first, then its structure (lists, sections, then highlights inside
 # them), then what is added at its start and end, then the case of the whole (so added phrases are in the asked case
 # too), and the quotation marks around everything last.
@@ -298,10 +301,13 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
                       "chosen": fixed, "rejected": row.response, "chosen_score": after.score,
                       "rejected_score": before.score, "origin": "repair:pair", "judge": "verifier"})
         if after.passed:
+            # A passing repair met every instruction, so each ending instruction it failed got its fix appended.
+            ending = any(c.type in ENDING_FIXES and not check for c, check in zip(prompt.constraints, before.checks))
             sft.append({"row_id": f"{prompt_id}-repair{row.sample_index}", "prompt_id": prompt_id,
                         "prompt": row.prompt, "completion": fixed, "score": after.score,
-                        "origin": "repair:accepted", "judge": "verifier"})
+                        "origin": "repair:accepted", "judge": "verifier",
+                        "ended": bool(getattr(row, "finished", True)) or ending})
     stats = {"attempted": float(attempted), "improved": float(improved), "pairs": float(len(pairs)),
              "passed": float(len(sft))}
     return RepairResult(pairs=pd.DataFrame(pairs, columns=REFINE_PAIR_COLUMNS),
-                        sft=pd.DataFrame(sft, columns=REFINE_SFT_COLUMNS), stats=stats)
+                        sft=pd.DataFrame(sft, columns=[*REFINE_SFT_COLUMNS, "ended"]), stats=stats)

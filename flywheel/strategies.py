@@ -43,7 +43,7 @@ def best_of_n(samples, config: FlywheelConfig) -> StrategyData:
     judges = samples.drop_duplicates("prompt_id").set_index("prompt_id")["judge"] if len(samples) else {}
     pairs = pairs.assign(origin="best_of_n:pair", judge=[judges[p] for p in pairs["prompt_id"]])
     sft = sft.assign(origin="best_of_n:accepted", judge=[judges[p] for p in sft["prompt_id"]])
-    return StrategyData(pairs=_typed(pairs, PAIR_COLUMNS), sft=_typed(sft, SFT_COLUMNS),
+    return StrategyData(pairs=_typed(pairs, PAIR_COLUMNS), sft=_typed(sft, [*SFT_COLUMNS, "ended"]),
                         stats={"best_of_n_pairs": float(len(pairs)), "best_of_n_sft": float(len(sft))})
 
 
@@ -59,6 +59,8 @@ def merge_refined(base: StrategyData, pairs, sft, stats: dict[str, float],
     kept = base.pairs[~base.pairs["prompt_id"].isin(set(pairs["prompt_id"]))]
     merged_pairs = pd.concat([pairs, kept], ignore_index=True).sort_values("prompt_id", kind="stable")
     merged_sft = pd.concat([base.sft, sft], ignore_index=True).drop_duplicates(["prompt", "completion"])
+    if "ended" in merged_sft.columns:  # a refiner that does not know where its text ended: as before, it ends
+        merged_sft["ended"] = merged_sft["ended"].astype("boolean").fillna(True).astype(bool)
     return StrategyData(pairs=merged_pairs.reset_index(drop=True), sft=merged_sft.reset_index(drop=True),
                         stats={**base.stats, **stats})
 

@@ -258,8 +258,11 @@ def _make_trainer(config: TrainingConfig, model, tokenizer, rows: list[dict], co
             trainer_class = _anchored_sft_trainer()
             anchor = dict(reference_model=copy.deepcopy(model), kl_weight=config.kl_weight,
                           kl_tokens=config.kl_tokens)
-        return trainer_class(model=model, args=SFTConfig(output_dir=output_dir, **common), train_dataset=dataset,
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks, **anchor)
+        trainer = trainer_class(model=model, args=SFTConfig(output_dir=output_dir, **common), train_dataset=dataset,
+                                processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks, **anchor)
+        if config.open_cut_off_targets:
+            open_cut_off_endings(trainer, rows, tokenizer.eos_token_id)
+        return trainer
     if config.method == "sami":
         from flywheel.sami import make_sami_trainer
 
@@ -269,6 +272,31 @@ def _make_trainer(config: TrainingConfig, model, tokenizer, rows: list[dict], co
 
         return make_grpo_trainer(model, tokenizer, rows, common, peft_config, callbacks, output_dir, **method_options)
     raise TrainingError(f"unknown training method {config.method!r}")
+
+
+def open_cut_off_endings(trainer, rows: list[dict], end_of_turn: int | None) -> int:
+    """No loss on the end of turn (the end-of-turn token and what the chat template puts after it) of the SFT rows
+    whose ``ended`` is false: the token limit cut their answers off, and training them to end there teaches the
+    model to stop early (lists one item short, answers too brief). Returns how many rows were opened."""
+    opened = {index for index, row in enumerate(rows) if not bool(row.get("ended", True))}
+    if not opened or end_of_turn is None:
+        return 0
+    dataset = trainer.train_dataset
+    if len(dataset) != len(rows):
+        raise TrainingError(f"the tokenized SFT dataset has {len(dataset)} rows for {len(rows)} training rows: "
+                            "cannot tell which of them were cut off")
+
+    def open_end(example: dict, index: int) -> dict:
+        labels = list(example["labels"])
+        if index in opened:
+            ends = [at for at, (token, label) in enumerate(zip(example["input_ids"], labels))
+                    if token == end_of_turn and label != -100]
+            if ends:
+                labels[ends[-1]:] = [-100] * (len(labels) - ends[-1])
+        return {"labels": labels}
+
+    trainer.train_dataset = dataset.map(open_end, with_indices=True)
+    return len(opened)
 
 
 def _anchored_sft_trainer():

@@ -96,13 +96,17 @@ def test_sft_keeps_distinct_samples_at_or_above_the_bar():
         ("a", 0, "good answer", 1.0), ("a", 1, "good answer  ", 1.0), ("a", 2, "other good", 1.0),
         ("a", 3, "half", 0.5), ("b", 0, "good answer", 1.0), ("b", 1, "nope", 0.0),
     )
+    frame.loc[frame["row_id"] == "a-s2", "finished"] = False  # cut off by the token limit
     sft = build_sft(frame, FeedbackConfig(sft_min_score=1.0))
-    assert list(sft.columns) == SFT_COLUMNS
+    assert list(sft.columns) == [*SFT_COLUMNS, "ended"]
     assert sft.to_dict(orient="records") == [
-        {"row_id": "a-sft0", "prompt_id": "a", "prompt": "prompt text of a", "completion": "good answer", "score": 1.0},
-        {"row_id": "a-sft2", "prompt_id": "a", "prompt": "prompt text of a", "completion": "other good", "score": 1.0},
+        {"row_id": "a-sft0", "prompt_id": "a", "prompt": "prompt text of a", "completion": "good answer", "score": 1.0,
+         "ended": True},
+        {"row_id": "a-sft2", "prompt_id": "a", "prompt": "prompt text of a", "completion": "other good", "score": 1.0,
+         "ended": False},
         # The same text for another prompt is a different row.
-        {"row_id": "b-sft0", "prompt_id": "b", "prompt": "prompt text of b", "completion": "good answer", "score": 1.0},
+        {"row_id": "b-sft0", "prompt_id": "b", "prompt": "prompt text of b", "completion": "good answer", "score": 1.0,
+         "ended": True},
     ]
     lower = build_sft(frame, FeedbackConfig(sft_min_score=0.5))
     assert list(lower["row_id"]) == ["a-sft0", "a-sft2", "a-sft3", "b-sft0"]
@@ -113,7 +117,7 @@ def test_sft_keeps_distinct_samples_at_or_above_the_bar():
 
 def test_sft_with_nothing_accepted():
     sft = build_sft(samples(("a", 0, "x", 0.0)), FeedbackConfig(sft_min_score=1.0))
-    assert sft.empty and list(sft.columns) == SFT_COLUMNS
+    assert sft.empty and list(sft.columns) == [*SFT_COLUMNS, "ended"]
 
 
 def test_write_parquet_is_atomic_and_returns_the_sha(tmp_path):

@@ -130,14 +130,24 @@ def _prompt(pid, constraints):
     return Prompt(id=pid, prompt=f"Write about {pid}.", constraints=constraints)
 
 
-def _samples(rows):
+def _samples(rows, finished=True):
     return pd.DataFrame([
         {"row_id": f"{pid}-s{i}", "prompt_id": pid, "prompt": f"Write about {pid}.", "sample_index": i,
-         "response": text, "n_tokens": 5, "finished": True, "score": score, "passed": score == 1.0,
+         "response": text, "n_tokens": 5, "finished": finished, "score": score, "passed": score == 1.0,
          "checks": json.dumps({}), "judge": "verifier", "verdict": verdict, "critique": "", "llm_verdict": "",
          "llm_critique": ""}
         for pid, i, text, score, verdict in rows
     ])
+
+
+def test_a_repair_ends_its_turn_when_its_answer_ended_or_the_fix_gave_it_an_ending():
+    prompts = [_prompt("lower", [Constraint(type="all_lowercase")]),
+               _prompt("phrase", [Constraint(type="end_with_phrase", args={"phrase": "That is all."})])]
+    rows = [("lower", 0, "Cut Off. And", 0.0, "fail"), ("phrase", 0, "Cut off. And", 0.0, "fail")]
+    cut_off = repair_samples(prompts, _samples(rows, finished=False), RepairConfig()).sft
+    assert dict(zip(cut_off["prompt_id"], cut_off["ended"])) == {"lower": False, "phrase": True}
+    finished = repair_samples(prompts, _samples(rows, finished=True), RepairConfig()).sft
+    assert finished["ended"].tolist() == [True, True]
 
 
 def test_repair_samples_pairs_the_best_repair_with_its_own_original():

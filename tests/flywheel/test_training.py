@@ -170,6 +170,37 @@ def test_kl_weight_is_refused_without_sft():
         TrainingConfig(method="dpo", kl_weight=1.0)
 
 
+def test_cut_off_targets_are_trained_without_their_end_of_turn(tiny_model_dir, tmp_path):
+    from flywheel.models import load_model, load_tokenizer
+    from flywheel.training import _make_trainer, open_cut_off_endings
+
+    rows = [{**row, "ended": index != 1} for index, row in enumerate(SFT_ROWS)]
+    config = TrainingConfig(method="sft", open_cut_off_targets=True, **FAST)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    end = tokenizer.eos_token_id
+    common = dict(max_steps=2, learning_rate=1e-3, per_device_train_batch_size=2, max_length=256, report_to="none",
+                  use_cpu=True, save_strategy="no")
+    trainer = _make_trainer(config, load_model(tiny_model_dir, device="cpu", dtype="float32"), tokenizer, rows,
+                            common, None, [], str(tmp_path), {})
+    trained_ends = [[token for token, label in zip(example["input_ids"], example["labels"])
+                     if label != -100 and token == end] for example in trainer.train_dataset]
+    assert [len(ends) > 0 for ends in trained_ends] == [True, False, True, True]
+    # The row's answer itself is still trained on, only what follows it is not.
+    opened = trainer.train_dataset[1]
+    answer = tokenizer(SFT_ROWS[1]["completion"], add_special_tokens=False)["input_ids"]
+    trained = [token for token, label in zip(opened["input_ids"], opened["labels"]) if label != -100]
+    assert trained == answer
+    # Nothing to open without the setting's rows; a dataset that lost rows cannot be matched to them.
+    assert open_cut_off_endings(trainer, SFT_ROWS, end) == 0
+    with pytest.raises(TrainingError, match="cannot tell which"):
+        open_cut_off_endings(trainer, rows[:3], end)
+
+
+def test_open_cut_off_targets_is_refused_without_sft():
+    with pytest.raises(ValueError, match="open_cut_off_targets applies to SFT"):
+        TrainingConfig(method="dpo", open_cut_off_targets=True)
+
+
 def test_no_rows_raise(tiny_model_dir, tmp_path):
     with pytest.raises(TrainingError, match="no training rows for method 'dpo'"):
         train(tiny_model_dir, [], TrainingConfig(method="dpo", **FAST), tmp_path / "none")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flywheel.prompts import Prompt
-from flywheel.verifiers import Constraint, _words, verify
+from flywheel.verifiers import Constraint, _words, highlight_count, verify
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -151,8 +151,7 @@ def _fix_section_count(response: str, *, section_word: str, num_sections: int) -
 def _fix_highlighted_sections(response: str, *, num_highlights: int) -> str:
     # The first sentences not yet marked up are set in bold (inside a list item, after its marker): bold, not
     # italics, because a single asterisk next to a bullet's asterisk would not read as a highlight.
-    missing = num_highlights - sum(1 for text in re.findall(r"\*\*([^\n*]+)\*\*", response) if text.strip())
-    missing -= sum(1 for text in re.findall(r"(?<!\*)\*([^\n*]+)\*(?!\*)", response) if text.strip())
+    missing = num_highlights - highlight_count(response)
     lines = response.split("\n")
     for index, line in enumerate(lines):
         if missing <= 0:

@@ -331,10 +331,15 @@ def _title(response: str) -> bool:
     return any(title.strip() for title in re.findall(r"<<([^\n<>]*)>>", response))
 
 
-def _highlighted_sections(response: str, *, num_highlights: int) -> bool:
+def highlight_count(response: str) -> int:
+    """Non-empty markdown highlights (**bold** or *italic*) in a response."""
     bold = re.findall(r"\*\*([^\n*]+)\*\*", response)
     italic = re.findall(r"(?<!\*)\*([^\n*]+)\*(?!\*)", response)
-    return sum(1 for text in bold + italic if text.strip()) >= num_highlights
+    return sum(1 for text in bold + italic if text.strip())
+
+
+def _highlighted_sections(response: str, *, num_highlights: int) -> bool:
+    return highlight_count(response) >= num_highlights
 
 
 def _json_format(response: str) -> bool:

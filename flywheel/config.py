@@ -259,6 +259,13 @@ class TrainingConfig(Section):
                                 "the round, the same on every attempt. A promoted model passes more often and yields "
                                 "more rows, so this bounds a round's training time; the dataset keeps every row, and "
                                 "the round record's trained rows against its clean rows show the cut (None: all).")
+    carry_refused_rounds: int = Field(
+        0, ge=0, description="Also train on the clean rows of up to this many of the latest earlier rounds that ran "
+                             "this recipe from the same champion and whose candidates were refused. Their rows were "
+                             "made by the model this round trains, so they are still its own data; without them a "
+                             "retry from the same champion starts again from one round's rows. They are read from "
+                             "data/rounds/ (covered by this round's DVC hash), and the round record and the "
+                             "version's tags name their rounds. max_rows bounds the union. 0: this round's rows.")
     learning_rate: float = Field(1e-5, gt=0)
     batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -313,6 +320,9 @@ class TrainingConfig(Section):
                              "(DPO is anchored by its own reference: set it to 0)")
         if self.open_cut_off_targets and self.method != "sft":
             raise ValueError(f"open_cut_off_targets applies to SFT targets; method {self.method!r} has none")
+        if self.carry_refused_rounds and self.method == "grpo":
+            raise ValueError("carry_refused_rounds carries training rows; method 'grpo' trains on the round's prompts "
+                             "online (set it to 0)")
         if self.processes > 1 and self.method == "grpo":
             raise ValueError("processes > 1 is not supported with method 'grpo' yet (its reward settings do not "
                              "travel to the launched processes)")

@@ -694,18 +694,54 @@ def train_candidate(config: FlywheelConfig, workspace: Workspace, context: Round
     rows, options = table.to_dict(orient="records"), {}
     if config.training.method == "grpo":
         rows, options = grpo_rows(table, Path(context.data_dir) / "prompts.jsonl"), grpo_options(config, context)
+    carried = refused_rounds(read_round_records(workspace), context, config.training.carry_refused_rounds)
+    rows += carried_rows(workspace, carried, training_table(config), list(table.columns))
     rows = bounded_rows(rows, config.training.max_rows, seed=config.seed * 10_000 + context.number)
+    if carried:
+        log_metrics(workspace, context.run_id, {"train.carried_rounds": len(carried), "train.rows_offered": len(rows)})
 
     def sink(metrics: dict[str, float], step: int) -> None:
         log_metrics(workspace, context.run_id, {f"train.{k}": v for k, v in metrics.items()}, step)
 
     metadata = {"round": context.number, "parent_version": context.champion.version,
-                "dataset_md5": dataset.dvc_md5, "strategy": config.strategy.name}
+                "dataset_md5": dataset.dvc_md5, "strategy": config.strategy.name,
+                **({"carried_rounds": carried} if carried else {})}
     checkpoints = Path(context.work_dir) / "checkpoints"
     if config.training.processes > 1:
-        return _launch_training(config, context, rows, output, metadata, checkpoints, sink)
-    return train(Path(context.champion.path), rows, config.training, output, seed=config.seed, metrics=sink,
-                 checkpoint_dir=checkpoints, metadata=metadata, method_options=options)
+        trained = _launch_training(config, context, rows, output, metadata, checkpoints, sink)
+    else:
+        trained = train(Path(context.champion.path), rows, config.training, output, seed=config.seed, metrics=sink,
+                        checkpoint_dir=checkpoints, metadata=metadata, method_options=options)
+    return trained.model_copy(update={"carried_rounds": carried}) if carried else trained
+
+
+def refused_rounds(records: list, context: RoundContext, limit: int) -> list[int]:
+    """The latest ``limit`` earlier rounds that ran this recipe (config hash) from this round's champion and whose
+    candidate was refused: their data is this champion's own, and no trained model took it up."""
+    if not limit:
+        return []
+    refused = [r.round for r in records
+               if r.round < context.number and r.status == "completed" and r.config_hash == context.config_hash
+               and r.parent_version == context.champion.version and r.promotion is not None
+               and not r.promotion.promoted]
+    return sorted(refused)[-limit:]
+
+
+def carried_rows(workspace: Workspace, rounds: list[int], table: str, columns: list[str]) -> list[dict]:
+    """The clean ``table`` rows of earlier rounds' datasets. The same recipe writes the same columns; a dataset that
+    does not (written by other code) is an error, not a silent mix of rows."""
+    rows: list[dict] = []
+    for number in rounds:
+        path = workspace.round_data(number) / f"{table}.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"training.carry_refused_rounds: round {number}'s dataset has no {path.name} "
+                                    f"({path}); restore it (dvc checkout at its tag) or set carry_refused_rounds: 0")
+        frame = read_table(path)
+        if sorted(frame.columns) != sorted(columns):
+            raise ValueError(f"training.carry_refused_rounds: round {number}'s {path.name} has columns "
+                             f"{sorted(frame.columns)}, this round's {sorted(columns)}; set carry_refused_rounds: 0")
+        rows += frame[columns].to_dict(orient="records")
+    return rows
 
 
 def bounded_rows(rows: list, limit: int | None, seed: int) -> list:
@@ -897,6 +933,8 @@ def _lineage_tags(context: RoundContext, dataset: DatasetVersion, trained: Train
         f"{registry.TAG}model_sha256": trained.sha256,
         f"{registry.TAG}train_loss": f"{trained.train_loss:.6f}",
         f"{registry.TAG}training_method": trained.method,
+        **({f"{registry.TAG}carried_rounds": ",".join(map(str, trained.carried_rounds))}
+           if trained.carried_rounds else {}),
     }
 
 

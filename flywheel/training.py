@@ -34,6 +34,7 @@ class TrainedModel(BaseModel):
     precision: str
     changed_parameters: float  # share of parameter tensors whose values moved
     refiner: RefinerUpdate | None = None  # SPaR with a trained refiner: what the round did to it
+    carried_rounds: list[int] = []  # earlier refused rounds whose rows it also trained on (carry_refused_rounds)
 
 
 class RefinerUpdate(BaseModel):

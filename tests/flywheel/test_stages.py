@@ -474,3 +474,89 @@ def test_train_candidate_trains_on_at_most_max_rows(registry_workspace, monkeypa
     monkeypatch.setattr(flywheel.training, "train", lambda base, rows, *args, **kwargs: trained_on.append(rows))
     stages.train_candidate(config, workspace, context, quality, SimpleNamespace(dvc_md5="m"))
     assert len(trained_on[0]) == 5 and {r["prompt"] for r in trained_on[0]} < set(prompts)
+
+
+# --- rows of refused rounds from the same champion ---------------------------------------------------------------
+
+def _record(number, parent="1", config_hash="h", status="completed", promoted=False):
+    promotion = None if status == "rejected" else SimpleNamespace(promoted=promoted)
+    return SimpleNamespace(round=number, status=status, parent_version=parent, config_hash=config_hash,
+                           promotion=promotion)
+
+
+def _context(number, tmp_path, champion="1"):
+    from flywheel import stages
+
+    return stages.RoundContext(number=number, name=f"round-{number}", data_dir=str(tmp_path), work_dir=str(tmp_path),
+                               run_id="r", config_hash="h",
+                               champion=stages.Champion(version=champion, path=str(tmp_path), sha256="a"))
+
+
+def test_refused_rounds_are_this_recipes_refused_rounds_from_this_champion(tmp_path):
+    from flywheel.stages import refused_rounds
+
+    records = [
+        _record(1),                         # refused, from v1: carried
+        _record(2, promoted=True),          # promoted: its rows made v2
+        _record(3, parent="2"),             # from another champion
+        _record(4, config_hash="other"),    # another recipe
+        _record(5, status="rejected"),      # rejected by its reviewer
+        _record(6),                         # refused, from v1: carried
+        _record(7),                         # this round's own number, and later ones, never
+        _record(8),
+    ]
+    context = _context(7, tmp_path)
+    assert refused_rounds(records, context, 0) == []
+    assert refused_rounds(records, context, 5) == [1, 6]
+    assert refused_rounds(list(reversed(records)), context, 1) == [6]  # the latest first
+    assert refused_rounds(records, _context(7, tmp_path, champion="2"), 5) == [3]
+
+
+def _sft_table(path, prompts):
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame({"prompt": prompts, "completion": ["a"] * len(prompts), "ended": [True] * len(prompts)})
+    frame.to_parquet(path)
+
+
+def test_train_candidate_also_trains_on_refused_rounds_rows(registry_workspace, monkeypatch, tmp_path):
+    import flywheel.training
+    from flywheel import stages
+    from flywheel.training import TrainedModel
+
+    config, workspace = registry_workspace
+    training = config.training.model_copy(update={"method": "sft", "carry_refused_rounds": 2, "max_rows": None})
+    config = config.model_copy(update={"training": training})
+    table = tmp_path / "sft.parquet"
+    _sft_table(table, ["now0", "now1"])
+    for number in (1, 2, 3):
+        _sft_table(workspace.round_data(number) / "sft.parquet", [f"r{number}a", f"r{number}b"])
+    monkeypatch.setattr(stages, "read_round_records",
+                        lambda ws: [_record(1), _record(2, promoted=True), _record(3)])
+    monkeypatch.setattr(stages, "log_metrics", lambda *args, **kwargs: None)
+    seen = {}
+
+    def train(base, rows, *args, metadata=None, **kwargs):
+        seen.update(rows=rows, metadata=metadata)
+        return TrainedModel(path="m", sha256="s", method="sft", rows=len(rows), rows_used=len(rows), steps=1,
+                            train_loss=1.0, seconds=1.0, device="cpu", precision="fp32", changed_parameters=1.0)
+
+    monkeypatch.setattr(flywheel.training, "train", train)
+    quality = SimpleNamespace(clean=SimpleNamespace(sft_path=str(table)))
+    trained = stages.train_candidate(config, workspace, _context(4, tmp_path), quality, SimpleNamespace(dvc_md5="m"))
+    assert [r["prompt"] for r in seen["rows"]] == ["now0", "now1", "r1a", "r1b", "r3a", "r3b"]
+    assert set(seen["rows"][2]) == {"prompt", "completion", "ended"}
+    assert trained.carried_rounds == [1, 3] and seen["metadata"]["carried_rounds"] == [1, 3]
+    tags = stages._lineage_tags(_context(4, tmp_path), SimpleNamespace(tag="t", dvc_md5="m", commit="c"), trained, "1")
+    assert tags["flywheel.carried_rounds"] == "1,3"
+
+    # A dataset with other columns (other code wrote it) is refused, not mixed in.
+    import pandas as pd
+
+    pd.DataFrame({"prompt": ["x"], "completion": ["y"]}).to_parquet(workspace.round_data(3) / "sft.parquet")
+    with pytest.raises(ValueError, match="round 3's sft.parquet has columns"):
+        stages.train_candidate(config, workspace, _context(4, tmp_path), quality, SimpleNamespace(dvc_md5="m"))
+    (workspace.round_data(3) / "sft.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="round 3's dataset has no sft.parquet"):
+        stages.train_candidate(config, workspace, _context(4, tmp_path), quality, SimpleNamespace(dvc_md5="m"))

@@ -201,6 +201,12 @@ def test_open_cut_off_targets_is_refused_without_sft():
         TrainingConfig(method="dpo", open_cut_off_targets=True)
 
 
+def test_carry_refused_rounds_is_refused_with_grpo():
+    with pytest.raises(ValueError, match="carry_refused_rounds carries training rows"):
+        TrainingConfig(method="grpo", carry_refused_rounds=1)
+    assert TrainingConfig(method="dpo", carry_refused_rounds=2).carry_refused_rounds == 2
+
+
 def test_no_rows_raise(tiny_model_dir, tmp_path):
     with pytest.raises(TrainingError, match="no training rows for method 'dpo'"):
         train(tiny_model_dir, [], TrainingConfig(method="dpo", **FAST), tmp_path / "none")

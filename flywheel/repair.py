@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flywheel.prompts import Prompt
-from flywheel.verifiers import Constraint, _words, highlight_count, verify
+from flywheel.verifiers import BULLET_MARK, NUMBER_MARK, Constraint, _words, highlight_count, verify
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,9 +78,9 @@ def _fix_word_count_max(response: str, *, max_words: int) -> str:
     return " ".join(response.split()[:max_words])
 
 
-# A list item opens a line with a bullet (* - •) or a number (1. or 1)), as the list checks count them.
-_BULLET_ITEM = re.compile(r"^[ \t]*[*\-•][ \t]+(?=\S)")
-_NUMBERED_ITEM = re.compile(r"^[ \t]*\d+[.)][ \t]+(?=\S)")
+# A list item opens a line as the list checks count them.
+_BULLET_ITEM = re.compile(rf"^{BULLET_MARK}(?=\S)")
+_NUMBERED_ITEM = re.compile(rf"^{NUMBER_MARK}(?=\S)")
 
 
 def _units(text: str) -> tuple[str, list[str]]:

@@ -313,12 +313,17 @@ def _paragraph_count(response: str, *, num_paragraphs: int) -> bool:
     return len(_paragraphs(response)) == num_paragraphs
 
 
+# What opens a list item's line: a bullet (* - •) or a number (1. or 1)), then a space. The repairs use the same.
+BULLET_MARK = r"[ \t]*[*\-•][ \t]+"
+NUMBER_MARK = r"[ \t]*\d+[.)][ \t]+"
+
+
 def _bullet_count_exact(response: str, *, num_bullets: int) -> bool:
-    return len(re.findall(r"(?m)^[ \t]*[*\-•][ \t]+\S", response)) == num_bullets
+    return len(re.findall(rf"(?m)^{BULLET_MARK}\S", response)) == num_bullets
 
 
 def _numbered_list_count(response: str, *, num_items: int) -> bool:
-    return len(re.findall(r"(?m)^[ \t]*\d+[.)][ \t]+\S", response)) == num_items
+    return len(re.findall(rf"(?m)^{NUMBER_MARK}\S", response)) == num_items
 
 
 def _section_count(response: str, *, section_word: str, num_sections: int) -> bool:

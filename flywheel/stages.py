@@ -694,11 +694,12 @@ def train_candidate(config: FlywheelConfig, workspace: Workspace, context: Round
     rows, options = table.to_dict(orient="records"), {}
     if config.training.method == "grpo":
         rows, options = grpo_rows(table, Path(context.data_dir) / "prompts.jsonl"), grpo_options(config, context)
-    carried = refused_rounds(read_round_records(workspace), context, config.training.carry_refused_rounds)
-    rows += carried_rows(workspace, carried, training_table(config), list(table.columns))
-    rows = bounded_rows(rows, config.training.max_rows, seed=config.seed * 10_000 + context.number)
-    if carried:
+    carried = []
+    if config.training.carry_refused_rounds:  # the round records are read only for it
+        carried = refused_rounds(read_round_records(workspace), context, config.training.carry_refused_rounds)
+        rows += carried_rows(workspace, carried, training_table(config), list(table.columns))
         log_metrics(workspace, context.run_id, {"train.carried_rounds": len(carried), "train.rows_offered": len(rows)})
+    rows = bounded_rows(rows, config.training.max_rows, seed=config.seed * 10_000 + context.number)
 
     def sink(metrics: dict[str, float], step: int) -> None:
         log_metrics(workspace, context.run_id, {f"train.{k}": v for k, v in metrics.items()}, step)
@@ -718,10 +719,11 @@ def train_candidate(config: FlywheelConfig, workspace: Workspace, context: Round
 def refused_rounds(records: list, context: RoundContext, limit: int) -> list[int]:
     """The latest ``limit`` earlier rounds that ran this recipe (config hash) from this round's champion and whose
     candidate was refused: their data is this champion's own, and no trained model took it up."""
-    if not limit:
+    if not limit:  # [-0:] would be every round
         return []
+    # A round its reviewer rejected has no promotion: it is never carried.
     refused = [r.round for r in records
-               if r.round < context.number and r.status == "completed" and r.config_hash == context.config_hash
+               if r.round < context.number and r.config_hash == context.config_hash
                and r.parent_version == context.champion.version and r.promotion is not None
                and not r.promotion.promoted]
     return sorted(refused)[-limit:]

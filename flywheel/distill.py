@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 ORIGIN = "distill:teacher"
 GUIDELINE_COLUMNS = ["prompt_id", "guideline", "n_tokens"]
-EXTRA_COLUMNS = ["origin", "judge", "guideline", "teacher"]
+# ``ended``: the teacher's answer finished its turn, or the token limit cut it off (training.open_cut_off_targets).
+EXTRA_COLUMNS = ["origin", "judge", "guideline", "teacher", "ended"]
 
 GUIDELINE_TEMPLATE = """Here is a user's request:
 
@@ -55,7 +56,7 @@ class DistillError(RuntimeError):
 
 @dataclass(frozen=True)
 class DistillResult:
-    sft: pd.DataFrame  # SFT_COLUMNS + origin, judge, guideline, teacher
+    sft: pd.DataFrame  # SFT_COLUMNS + EXTRA_COLUMNS
     guidelines: pd.DataFrame  # prompt_id, guideline, n_tokens: every guideline the student wrote
     stats: dict[str, float]
 
@@ -180,9 +181,9 @@ def distill(prompts: Sequence[Prompt], student: Engine, teacher: Engine, options
             "row_id": f"{prompt.id}-distill", "prompt_id": prompt.id, "prompt": prompt.prompt,
             "completion": answer_texts[i], "score": float(verdict.score) if verdict else 1.0,
             "origin": ORIGIN, "judge": judge.name if judge else "none", "guideline": guideline_texts[i],
-            "teacher": teacher_source,
+            "teacher": teacher_source, "ended": bool(answers[i].finished),
         })
-    sft = pd.DataFrame(rows, columns=SFT_COLUMNS + EXTRA_COLUMNS).astype({"score": "float64"})
+    sft = pd.DataFrame(rows, columns=SFT_COLUMNS + EXTRA_COLUMNS).astype({"score": "float64", "ended": bool})
     guidelines = pd.DataFrame(
         {"prompt_id": ids, "guideline": guideline_texts, "n_tokens": [int(c.n_tokens) for c in guides]},
         columns=GUIDELINE_COLUMNS,

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from flywheel.config import SelfRefineConfig, SparConfig
 
 REFINE_PAIR_COLUMNS = [*PAIR_COLUMNS, "origin", "judge"]
-REFINE_SFT_COLUMNS = [*SFT_COLUMNS, "origin", "judge"]
+# ``ended``: the target finished its turn, or the token limit cut it off (``training.open_cut_off_targets``).
+REFINE_SFT_COLUMNS = [*SFT_COLUMNS, "origin", "judge", "ended"]
 # Columns of the judged samples table (flywheel.feedback.SAMPLE_COLUMNS) the strategies read.
 NEEDED_SAMPLE_COLUMNS = ("prompt_id", "sample_index", "response", "score", "verdict", "critique", "judge")
 
@@ -130,16 +131,20 @@ def _failed_answers(prompts: Sequence[Prompt], samples, max_answers: int) -> lis
     return [(by_id[row["prompt_id"]], row) for row in worst.to_dict("records")]
 
 
-def _texts(completions: Sequence[Completion], requests: int, samples: int) -> list[list[str]]:
+def _regrouped(completions: Sequence[Completion], requests: int, samples: int) -> list[list[Completion]]:
     """Completions regrouped per request, in sample order; a backend that answers too few fails loudly."""
-    texts: list[list[str]] = [[] for _ in range(requests)]
+    grouped: list[list[Completion]] = [[] for _ in range(requests)]
     for completion in sorted(completions, key=lambda c: (c.request_index, c.sample_index)):
-        texts[completion.request_index].append(completion.text.strip())
-    short = [i for i, row in enumerate(texts) if len(row) != samples]
+        grouped[completion.request_index].append(completion)
+    short = [i for i, row in enumerate(grouped) if len(row) != samples]
     if short:
-        raise ValueError(f"engine returned {len(texts[short[0]])} completions for request {short[0]}, "
+        raise ValueError(f"engine returned {len(grouped[short[0]])} completions for request {short[0]}, "
                          f"expected {samples}")
-    return texts
+    return grouped
+
+
+def _texts(completions: Sequence[Completion], requests: int, samples: int) -> list[list[str]]:
+    return [[c.text.strip() for c in row] for row in _regrouped(completions, requests, samples)]
 
 
 def _judge(judge: Judge, items: list[tuple[Prompt, str]]) -> list[JudgeVerdict]:
@@ -152,17 +157,18 @@ def _judge(judge: Judge, items: list[tuple[Prompt, str]]) -> list[JudgeVerdict]:
     return verdicts
 
 
-def _frame(rows: list[dict[str, Any]], columns: list[str], floats: Sequence[str]):
+def _frame(rows: list[dict[str, Any]], columns: list[str], floats: Sequence[str], bools: Sequence[str] = ()):
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=columns)
     # Empty tables keep the types a filled one has, so callers can concatenate them with best-of-n rows.
-    return frame.astype({c: float for c in floats} | {c: str for c in columns if c not in floats})
+    return frame.astype({c: float for c in floats} | {c: bool for c in bools}
+                        | {c: str for c in columns if c not in floats and c not in bools})
 
 
 def _result(pairs: list[dict[str, Any]], sft: list[dict[str, Any]], stats: dict[str, float]) -> RefineResult:
     pair_frame = _frame(pairs, REFINE_PAIR_COLUMNS, ("chosen_score", "rejected_score"))
-    sft_frame = _frame(sft, REFINE_SFT_COLUMNS, ("score",))
+    sft_frame = _frame(sft, REFINE_SFT_COLUMNS, ("score",), ("ended",))
     for frame, name in ((pair_frame, "pairs"), (sft_frame, "sft")):
         if frame["row_id"].duplicated().any():  # a bug here, not bad input: row ids are built from unique keys
             raise AssertionError(f"duplicate row_id in the {name} table")
@@ -204,8 +210,9 @@ def self_refine(prompts: Sequence[Prompt], samples, engine: Engine, judge: Judge
     n = options.refinements
     rewrite_params = SamplingParams(max_new_tokens=options.refine_max_new_tokens or max_new_tokens,
                                     temperature=options.temperature, seed=seed + 1)
-    rewrites = _texts(engine.generate([user_request(text) for text in rewrite_requests], n, rewrite_params,
-                                      progress), len(answers), n)
+    rewritten = _regrouped(engine.generate([user_request(text) for text in rewrite_requests], n, rewrite_params,
+                                           progress), len(answers), n)
+    rewrites = [[c.text.strip() for c in row] for row in rewritten]
     flat = _judge(judge, [(prompt, text) for (prompt, _), texts in zip(answers, rewrites) for text in texts])
     verdicts = [flat[i * n:(i + 1) * n] for i in range(len(answers))]
 
@@ -215,14 +222,15 @@ def self_refine(prompts: Sequence[Prompt], samples, engine: Engine, judge: Judge
     for i, ((prompt, row), texts, judged) in enumerate(zip(answers, rewrites, verdicts)):
         # Best rewrite: accepted first, then score, then the earliest sample.
         best = max(range(n), key=lambda k: (judged[k].passed is True, judged[k].score, -k))
-        text, verdict = texts[best], judged[best]
+        text, verdict, ended = texts[best], judged[best], rewritten[i][best].finished
         original = row["response"]
         base = {"prompt_id": prompt.id, "prompt": prompt.prompt}
         accepted = verdict.passed is True and bool(text)
         if accepted:
             refined_passed += 1
             sft.append({**base, "row_id": f"{prompt.id}-self_refine-sft", "completion": text,
-                        "score": float(verdict.score), "origin": "self_refine:refined", "judge": verdict.judge})
+                        "score": float(verdict.score), "origin": "self_refine:refined", "judge": verdict.judge,
+                        "ended": ended})
         if verdict.score > float(row["score"]) and text and text != original.strip():
             pairs.append({**base, "row_id": f"{prompt.id}-self_refine-pair", "chosen": text, "rejected": original,
                           "chosen_score": float(verdict.score), "rejected_score": float(row["score"]),
@@ -234,12 +242,13 @@ def self_refine(prompts: Sequence[Prompt], samples, engine: Engine, judge: Judge
             meta_rows += 1
             sft.append({"prompt_id": prompt.id, "row_id": f"{prompt.id}-self_refine-critique",
                         "prompt": critique_requests[i], "completion": with_verdict_line(votes[i].critique, False),
-                        "score": 1.0, "origin": "self_refine:critique", "judge": str(row["judge"])})
+                        "score": 1.0, "origin": "self_refine:critique", "judge": str(row["judge"]),
+                        "ended": True})  # ends on its verdict line, cut off or not
         if options.meta_skill and accepted:
             meta_rows += 1
             sft.append({"prompt_id": prompt.id, "row_id": f"{prompt.id}-self_refine-refinement",
                         "prompt": rewrite_requests[i], "completion": text, "score": float(verdict.score),
-                        "origin": "self_refine:refinement", "judge": verdict.judge})
+                        "origin": "self_refine:refinement", "judge": verdict.judge, "ended": ended})
     return _result(pairs, sft, {"answers_refined": len(answers), "rewrites": len(answers) * n,
                                 "refined_passed": refined_passed, "meta_rows": meta_rows,
                                 "critique_agreement": agreed / len(answers)})
@@ -289,6 +298,7 @@ class _Node:
     judge: str
     parent: _Node | None = None
     request: str = ""  # the refine request that produced this node (empty for the root)
+    ended: bool = True  # the text finished its turn (False: the token limit cut it off)
 
 
 @dataclass
@@ -318,7 +328,8 @@ def spar_search(prompts: Sequence[Prompt], samples, engine: Engine, judge: Judge
     searches = [
         _Search(prompt=prompt, root=(root := _Node(text=str(row["response"]), critique=str(row["critique"]),
                                                    value=0.0, score=float(row["score"]), depth=0,
-                                                   judge=str(row["judge"]))), frontier=[root])
+                                                   judge=str(row["judge"]),
+                                                   ended=bool(row.get("finished", True)))), frontier=[root])
         for prompt, row in answers
     ]
     votes = 1 if judge_deterministic else options.judge_samples
@@ -331,15 +342,15 @@ def spar_search(prompts: Sequence[Prompt], samples, engine: Engine, judge: Judge
             break
         parents = [(search, node) for search in active for node in search.frontier]
         requests = [spar_refine_prompt(search.prompt, node.text, node.critique) for search, node in parents]
-        texts = _texts(engine.generate([user_request(text) for text in requests], options.breadth,
-                                       params.model_copy(update={"seed": seed + depth}), progress),
-                       len(parents), options.breadth)
+        grouped = _regrouped(engine.generate([user_request(text) for text in requests], options.breadth,
+                                             params.model_copy(update={"seed": seed + depth}), progress),
+                             len(parents), options.breadth)
         expanded += len(parents)
         # A child that is empty or repeats its parent is no refinement; it is neither judged nor kept.
         children = [(search, _Node(text=text, critique="", value=0.0, score=0.0, depth=depth, judge=judge.name,
-                                   parent=node, request=request))
-                    for (search, node), request, row in zip(parents, requests, texts)
-                    for text in row if text and text != node.text.strip()]
+                                   parent=node, request=request, ended=completion.finished))
+                    for (search, node), request, row in zip(parents, requests, grouped)
+                    for completion in row if (text := completion.text.strip()) and text != node.text.strip()]
         generated += len(children)
         # Every child's votes in one judge call: an LLM judge batches (and samples) them in one engine call.
         flat = _judge(judge, [(search.prompt, child.text) for search, child in children for _ in range(votes)])
@@ -372,14 +383,14 @@ def spar_search(prompts: Sequence[Prompt], samples, engine: Engine, judge: Judge
                       "origin": "spar:pair", "judge": winner.judge})
         sft.append({**base, "row_id": f"{prompt.id}-spar-refinement", "prompt": winner.request,
                     "completion": winner.text, "score": winner.score, "origin": "spar:refinement",
-                    "judge": winner.judge})
+                    "judge": winner.judge, "ended": winner.ended})
         sft.append({**base, "row_id": f"{prompt.id}-spar-judgement-root", "prompt": critique_prompt(prompt, root.text),
                     "completion": with_verdict_line(root.critique, False), "score": 1.0,
-                    "origin": "spar:judgement", "judge": root.judge})
+                    "origin": "spar:judgement", "judge": root.judge, "ended": True})
         sft.append({**base, "row_id": f"{prompt.id}-spar-judgement-winner",
                     "prompt": critique_prompt(prompt, winner.text),
                     "completion": with_verdict_line(winner.critique, True), "score": 1.0,
-                    "origin": "spar:judgement", "judge": winner.judge})
+                    "origin": "spar:judgement", "judge": winner.judge, "ended": True})
     mean_depth = sum(s.winner.depth for s in solved) / len(solved) if solved else 0.0  # type: ignore[union-attr]
     return _result(pairs, sft, {"searched": len(searches), "solved": len(solved), "nodes_expanded": expanded,
                                 "nodes_generated": generated, "mean_depth": mean_depth})

@@ -309,4 +309,4 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
     stats = {"attempted": float(attempted), "improved": float(improved), "pairs": float(len(pairs)),
              "passed": float(len(sft))}
     return RepairResult(pairs=pd.DataFrame(pairs, columns=REFINE_PAIR_COLUMNS),
-                        sft=pd.DataFrame(sft, columns=[*REFINE_SFT_COLUMNS, "ended"]), stats=stats)
+                        sft=pd.DataFrame(sft, columns=REFINE_SFT_COLUMNS), stats=stats)

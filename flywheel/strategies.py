@@ -59,7 +59,7 @@ def merge_refined(base: StrategyData, pairs, sft, stats: dict[str, float],
     kept = base.pairs[~base.pairs["prompt_id"].isin(set(pairs["prompt_id"]))]
     merged_pairs = pd.concat([pairs, kept], ignore_index=True).sort_values("prompt_id", kind="stable")
     merged_sft = pd.concat([base.sft, sft], ignore_index=True).drop_duplicates(["prompt", "completion"])
-    if "ended" in merged_sft.columns:  # a refiner that does not know where its text ended: as before, it ends
+    if "ended" in merged_sft.columns:  # rows of a table written without it: as before, they end
         merged_sft["ended"] = merged_sft["ended"].astype("boolean").fillna(True).astype(bool)
     return StrategyData(pairs=merged_pairs.reset_index(drop=True), sft=merged_sft.reset_index(drop=True),
                         stats={**base.stats, **stats})

@@ -16,21 +16,23 @@ LOWER = Prompt(id="p-lower", prompt="Describe tea. Answer in lowercase.",
                constraints=[Constraint(type="all_lowercase")])
 SHORT = Prompt(id="p-short", prompt="Name a fruit in at most three words, without commas.",
                constraints=[Constraint(type="word_count_max", args={"max_words": 3}), Constraint(type="no_commas")])
-SFT_TABLE = SFT_COLUMNS + ["origin", "judge", "guideline", "teacher"]
+SFT_TABLE = SFT_COLUMNS + ["origin", "judge", "guideline", "teacher", "ended"]
 
 
 class FakeEngine:
     """Answers every request with ``answer(user text)`` and records each generate call."""
 
-    def __init__(self, answer: Callable[[str], str]):
+    def __init__(self, answer: Callable[[str], str], cut_off: Callable[[str], bool] = lambda answer: False):
         self.answer = answer
+        self.cut_off = cut_off  # whether the token limit cut that answer off
         self.calls: list[tuple[list[str], int, SamplingParams]] = []
 
     def generate(self, requests, samples, params, progress=None):
         texts = [r.messages[-1]["content"] for r in requests]
         self.calls.append((texts, samples, params))
         out = [Completion(request_index=i, sample_index=s, text=self.answer(t), n_tokens=len(self.answer(t).split()),
-                          finished=True) for i, t in enumerate(texts) for s in range(samples)]
+                          finished=not self.cut_off(self.answer(t)))
+               for i, t in enumerate(texts) for s in range(samples)]
         if progress:
             progress(len(out))
         return out
@@ -85,6 +87,14 @@ def test_teacher_sees_guideline_and_prompt_but_the_row_has_the_original_prompt()
     ]
     assert result.stats == {"prompts": 2.0, "answers": 2.0, "empty_answers": 0.0, "passed": 2.0, "kept": 2.0,
                             "pass_rate": 1.0, "mean_guideline_tokens": 3.0}
+
+
+def test_rows_record_whether_the_teacher_answer_was_cut_off():
+    teacher = FakeEngine(lambda text: "green tea is calm" if "Describe tea" in text else "an apple",
+                         cut_off=lambda answer: answer == "an apple")
+    _, result = _run(teacher)
+    assert result.sft["ended"].dtype == bool
+    assert dict(zip(result.sft["completion"], result.sft["ended"])) == {"green tea is calm": True, "an apple": False}
 
 
 def test_require_pass_keeps_only_answers_the_verifier_accepts():

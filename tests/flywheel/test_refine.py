@@ -40,17 +40,20 @@ def is_critique(request_text: str) -> bool:
 
 
 class FakeEngine:
-    """Answers each request with ``reply(request_text, sample_index)``; records every call."""
+    """Answers each request with ``reply(request_text, sample_index)``; records every call. ``cut_off(reply)``:
+    whether the token limit cut that reply off (``Completion.finished`` false)."""
 
-    def __init__(self, reply):
+    def __init__(self, reply, cut_off=lambda text: False):
         self.reply = reply
+        self.cut_off = cut_off
         self.calls: list[tuple[list[str], int, SamplingParams]] = []
 
     def generate(self, requests, samples, params, progress=None):
         texts = [r.messages[-1]["content"] for r in requests]
         self.calls.append((texts, samples, params))
-        return [Completion(request_index=i, sample_index=s, text=self.reply(text, s), n_tokens=3, finished=True)
-                for i, text in enumerate(texts) for s in range(samples)]
+        replies = [(i, s, self.reply(text, s)) for i, text in enumerate(texts) for s in range(samples)]
+        return [Completion(request_index=i, sample_index=s, text=reply, n_tokens=3, finished=not self.cut_off(reply))
+                for i, s, reply in replies]
 
 
 def samples_table(rows: list[tuple[Prompt, str]]):
@@ -167,6 +170,18 @@ def test_self_refine_meta_rows_only_where_the_model_verdict_matches_the_judge():
     assert result.stats["meta_rows"] == 3 and result.stats["critique_agreement"] == 0.5
 
 
+def test_self_refine_rows_record_whether_the_rewrite_was_cut_off():
+    # The coffee rewrite ran into the token limit; critiques end on their verdict line whatever their length.
+    engine = FakeEngine(fixer(), cut_off=lambda reply: reply.startswith("coffee") or "requirements" in reply)
+    result = self_refine(PROMPTS, SAMPLES, engine, VerifierJudge(), SelfRefineConfig(), max_new_tokens=32)
+    check_tables(result)
+    assert result.sft["ended"].dtype == bool
+    ended = {(row.prompt_id, row.origin): row.ended for row in result.sft.itertuples()}
+    assert ended == {("p-both", "self_refine:refined"): False, ("p-lower", "self_refine:refined"): True,
+                     ("p-both", "self_refine:refinement"): False, ("p-lower", "self_refine:refinement"): True,
+                     ("p-both", "self_refine:critique"): True, ("p-lower", "self_refine:critique"): True}
+
+
 def test_self_refine_without_failed_answers_returns_empty_typed_tables():
     samples = samples_table([(EASY, "milk is white.")])
     engine = FakeEngine(fixer())
@@ -239,6 +254,18 @@ def test_spar_stops_at_the_first_passing_node_and_respects_breadth_and_keep():
     verdicts = {quoted(p): parse_verdict(c).passed for p, c in zip(judgements["prompt"], judgements["completion"])}
     assert verdicts == {"Coffee, Hot.": False, "coffee hot.": True}
     assert all(c.splitlines()[-1] in ("VERDICT: PASS", "VERDICT: FAIL") for c in judgements["completion"])
+
+
+def test_spar_refinement_row_records_whether_the_winner_was_cut_off():
+    samples = samples_table([(BOTH, "coffee, hot."), (BOTH, "Coffee, Hot.")])
+    for cut_off in (True, False):
+        engine = FakeEngine(tree(TREE), cut_off=lambda reply: cut_off and reply == "coffee hot.")
+        result = spar_search(PROMPTS, samples, engine, VerifierJudge(), SparConfig(breadth=3, keep=2, depth=3),
+                             max_new_tokens=24, judge_deterministic=True)
+        check_tables(result)
+        ended = dict(zip(result.sft["row_id"], result.sft["ended"]))
+        assert ended == {"p-both-spar-refinement": not cut_off, "p-both-spar-judgement-root": True,
+                         "p-both-spar-judgement-winner": True}
 
 
 def test_spar_batches_every_prompt_of_a_depth_into_one_call_and_gives_up_after_depth_levels():

@@ -407,6 +407,51 @@ def checkout(round_number: Annotated[int, typer.Option("--round", min=1, help="R
 
 
 @app.command()
+def prune(config: ConfigOption = None, workspace: WorkspaceOption = None,
+          refused: Annotated[bool, typer.Option(
+              "--refused", help="Also delete the registered weights of candidates that were never champion "
+                                "(their versions, tags, metrics and datasets stay).")] = False,
+          keep_refused: Annotated[int, typer.Option(
+              min=0, help="With --refused: keep the newest N refused candidates' weights.")] = 0,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go and what stays; change nothing.")
+                             ] = False,
+          actor: Annotated[str, typer.Option(help="Who prunes; recorded on pruned versions.")
+                           ] = os.environ.get("USER", "reviewer")) -> None:
+    """Give disk back: copies of weights the registry holds (finished rounds' training outputs, model-store copies
+    no alias uses) and, with --refused, refused candidates' registered weights."""
+    cfg, ws = _setup(config, workspace)
+    from rich.console import Console
+    from rich.table import Table
+
+    from flywheel.storage import describe, human_bytes, plan_prune
+    from flywheel.storage import prune as prune_workspace
+    from flywheel.workspace import WorkspaceBusy
+
+    name = cfg.model.registered_name
+    try:
+        if dry_run:
+            plan, removed = plan_prune(ws, name, refused=refused, keep_refused=keep_refused), None
+        else:
+            result = prune_workspace(ws, name, refused=refused, keep_refused=keep_refused, actor=actor)
+            plan, removed = result.plan, result.removed
+    except WorkspaceBusy as error:
+        _fail(str(error))
+    if not plan.items:
+        typer.echo("nothing to prune: no round outputs, model-store copies or refused candidates")
+        return
+    table = Table(title="flywheel prune" + (" (dry run)" if dry_run else ""))
+    for column in ("action", "what", "version", "size", "why"):
+        table.add_column(column)
+    for row in describe(plan.items, ws.root):
+        table.add_row(*row)
+    Console().print(table)
+    if removed is None:
+        typer.echo(f"would free {human_bytes(plan.removable_bytes)} ({len(plan.removable)} items)")
+    else:
+        typer.echo(f"freed {human_bytes(sum(i.size for i in removed))} ({len(removed)} items)")
+
+
+@app.command()
 def review(config: ConfigOption = None, workspace: WorkspaceOption = None,
            run_id: Annotated[Optional[str], typer.Option("--run", help="Paused flow run id (default: the only one).")] = None,
            approve: Annotated[Optional[bool], typer.Option("--approve/--reject", help="The decision.")] = None,

@@ -29,6 +29,7 @@ class Lineage(BaseModel):
     review: dict | None
     metrics: dict[str, float]
     model_sha256: str | None
+    weights_pruned_at: str | None = None  # `flywheel prune --refused` deleted the registered weights
     restore_commands: list[str]
 
 
@@ -59,7 +60,8 @@ def trace(workspace: Workspace, name: str, ref: str) -> Lineage:
         base_version=tags.get(f"{t}base_version"),
         round=round_number, round_tag=round_tag, git_commit=tags.get(f"{t}git_commit"),
         dataset_md5=tags.get(f"{t}dataset_md5"), config_hash=tags.get(f"{t}config_hash"), config=config,
-        review=review, metrics=metrics, model_sha256=tags.get(f"{t}model_sha256"), restore_commands=commands,
+        review=review, metrics=metrics, model_sha256=tags.get(f"{t}model_sha256"),
+        weights_pruned_at=tags.get(registry.WEIGHTS_PRUNED_AT), restore_commands=commands,
     )
 
 
@@ -71,6 +73,8 @@ def render(lineage: Lineage) -> str:
         ("git commit", lineage.git_commit), ("dataset (DVC md5)", lineage.dataset_md5),
         ("config hash", lineage.config_hash), ("weights sha256", lineage.model_sha256),
     ]
+    if lineage.weights_pruned_at:
+        fields.append(("weights", f"deleted {lineage.weights_pruned_at} (flywheel prune --refused)"))
     lines += [f"  {label:18} {value if value is not None else '-'}" for label, value in fields]
     if lineage.review:
         r = lineage.review

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict
 CHAMPION = "champion"
 CANDIDATE = "candidate"
 TAG = "flywheel."  # prefix of every tag this project writes
+# Set when `flywheel prune --refused` deleted a version's registered weights.
+WEIGHTS_PRUNED_AT = f"{TAG}weights_pruned_at"
+WEIGHTS_PRUNED_BY = f"{TAG}weights_pruned_by"
 
 
 class RegistryError(RuntimeError):
@@ -160,6 +163,11 @@ def materialize(tracking_uri: str, info: VersionInfo, store: Path) -> Path:
         write_metadata,
     )
 
+    pruned = info.tags.get(WEIGHTS_PRUNED_AT)
+    if pruned:
+        raise ModelError(f"{info.name} v{info.version}: its weights were deleted by `flywheel prune --refused` "
+                         f"({pruned}, {info.tags.get(WEIGHTS_PRUNED_BY, 'unknown')}); its tags, metrics and "
+                         f"dataset ({info.tags.get(f'{TAG}round_tag', 'no round tag')}) remain")
     target = Path(store) / info.name / f"v{info.version}"
     expected = info.tags.get(f"{TAG}model_sha256")
     if (target / METADATA_FILE).is_file():

@@ -81,6 +81,7 @@ def main() -> None:
         raise SystemExit("give at least one --variant NAME=JSON")
     variants = dict(parse_variant(v) for v in args.variant)
 
+    from flywheel import registry
     from flywheel.config import TrainingConfig, load_config
     from flywheel.stages import PromptSplit
     from flywheel.training import train
@@ -93,11 +94,9 @@ def main() -> None:
         raise SystemExit(f"no finished round {args.round} in {args.workspace} ({record_path} is missing)")
     record = json.loads(record_path.read_text())
     split = PromptSplit(**record["prompts"])
-    # The round materialized its champion into the model store (flywheel.registry.materialize).
-    champion = workspace.models / config.model.registered_name / \
-        f"v{record['parent_version']}"
-    if not champion.is_dir():
-        raise SystemExit(f"the round's champion folder {champion} is missing")
+    # The round's champion, from the model store (fetched again if `flywheel prune` removed the store's copy).
+    champion = registry.materialize(workspace.tracking_uri, registry.get_version(
+        workspace.tracking_uri, config.model.registered_name, str(record["parent_version"])), workspace.models)
     tables = training_tables(config, args.strategy, record)
     load = common.machine_load()
     rows_out: list[dict] = []

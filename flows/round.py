@@ -32,7 +32,7 @@ from tasks.evaluate import evaluate
 from tasks.feedback import judge
 from tasks.generate import generate, load_prompts
 from tasks.quality import quality_gate
-from tasks.register import close_round, promote, register
+from tasks.register import close_round, promote, prune_storage, register
 from tasks.review import await_review, publish_review_sample, record_review
 from tasks.setup import open_round, prepare_workspace, resolve_champion
 from tasks.train import train
@@ -48,11 +48,14 @@ def flywheel_round(config: FlywheelConfig = FlywheelConfig(), workspace: str | N
         champion = resolve_champion(config, ws)
         context = open_round(config, ws, champion)
         try:
-            return run_stages(config, ws, context, restart)
+            record = run_stages(config, ws, context, restart)
         except BaseException as error:
             # The round's MLflow run says why it failed; a re-run resumes the round after its last finished stage.
             fail_round(ws, context, error)
             raise
+        if config.storage.prune_after_round != "off":
+            prune_storage(config, ws, context)  # the record is written: the round needs none of its copies now
+        return record
 
 
 def run_stages(config: FlywheelConfig, ws: Workspace, context: RoundContext, restart: bool = False) -> RoundRecord:

@@ -528,6 +528,20 @@ class StorageConfig(Section):
     dvc_remote: str = Field(".flywheel/dvc-remote", description="DVC remote: a directory or an s3:// URL.")
     mlflow_tracking_uri: str | None = Field(None, description="None: SQLite under state_dir.")
     tag_prefix: str = Field("round-", pattern=r"^[A-Za-z0-9._-]+$")
+    prune_after_round: Literal["off", "copies", "refused"] = Field(
+        "off", description="After each round, as `flywheel prune` does: 'copies' removes the copies of weights the "
+                           "registry holds (finished rounds' training folders, store copies no alias uses); "
+                           "'refused' also deletes refused candidates' registered weights (their versions stay).",
+    )
+    keep_refused: int = Field(0, ge=0, description="With prune_after_round 'refused': the newest refused candidates "
+                                                   "whose weights stay.")
+
+    @model_validator(mode="after")
+    def _keep_refused_needs_refused(self) -> StorageConfig:
+        if self.keep_refused and self.prune_after_round != "refused":
+            raise ValueError(f"keep_refused: {self.keep_refused} applies only with prune_after_round 'refused' "
+                             f"(got {self.prune_after_round!r})")
+        return self
 
 
 # Stages `deployment.stage_pools` can send to a work pool of their own (flows/stages.py).

@@ -191,7 +191,14 @@ def _registered_weights(workspace: Workspace, name: str, versions: list[registry
 
 def prune(workspace: Workspace, policy: str, *, refused: bool = False, keep_refused: int = 0,
           actor: str = "flywheel") -> PruneResult:
-    """Plan and remove under the round lock, so a round never sees a copy vanish while it runs.
+    """Plan and remove under the round lock, so a round never sees a copy vanish while it runs."""
+    with round_lock(workspace):
+        return prune_holding_lock(workspace, policy, refused=refused, keep_refused=keep_refused, actor=actor)
+
+
+def prune_holding_lock(workspace: Workspace, policy: str, *, refused: bool = False, keep_refused: int = 0,
+                       actor: str = "flywheel") -> PruneResult:
+    """``prune`` for a caller that holds the round lock already: the round flow, after it wrote its record.
 
     A registered version is checked again right before its weights go (a reviewer may have promoted it since the
     plan), and tagged as pruned before they are deleted: an interrupted prune leaves a version that says why its
@@ -200,20 +207,19 @@ def prune(workspace: Workspace, policy: str, *, refused: bool = False, keep_refu
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     removed: list[PruneItem] = []
-    with round_lock(workspace):
-        plan = plan_prune(workspace, policy, refused=refused, keep_refused=keep_refused)
-        for item in plan.removable:
-            if item.kind == "registered_weights":
-                if not is_refused(registry.get_version(workspace.tracking_uri, item.name, item.version)):
-                    continue
-                mlflow_client = registry.client(workspace.tracking_uri)
-                stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-                mlflow_client.set_model_version_tag(item.name, item.version, PRUNED_AT, stamp)
-                mlflow_client.set_model_version_tag(item.name, item.version, PRUNED_BY, actor)
-                get_artifact_repository(item.location, tracking_uri=workspace.tracking_uri).delete_artifacts()
-            elif not _remove_folder(Path(item.location)):
+    plan = plan_prune(workspace, policy, refused=refused, keep_refused=keep_refused)
+    for item in plan.removable:
+        if item.kind == "registered_weights":
+            if not is_refused(registry.get_version(workspace.tracking_uri, item.name, item.version)):
                 continue
-            removed.append(item)
+            mlflow_client = registry.client(workspace.tracking_uri)
+            stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            mlflow_client.set_model_version_tag(item.name, item.version, PRUNED_AT, stamp)
+            mlflow_client.set_model_version_tag(item.name, item.version, PRUNED_BY, actor)
+            get_artifact_repository(item.location, tracking_uri=workspace.tracking_uri).delete_artifacts()
+        elif not _remove_folder(Path(item.location)):
+            continue
+        removed.append(item)
     return PruneResult(plan=plan, removed=removed)
 
 

@@ -1,6 +1,6 @@
-from prefect import task
+from prefect import get_run_logger, task
 
-from flywheel import registry, stages
+from flywheel import registry, stages, storage
 from flywheel.config import FlywheelConfig
 from flywheel.evaluation import Evaluation
 from flywheel.review import ReviewDecision
@@ -25,3 +25,15 @@ def promote(config: FlywheelConfig, workspace: Workspace, registration: stages.R
 @task(name="close-round", retries=2, retry_delay_seconds=5)
 def close_round(workspace: Workspace, context: stages.RoundContext, record: stages.RoundRecord) -> str:
     return str(stages.close_round(workspace, context, record))
+
+
+@task(name="prune-storage")
+def prune_storage(config: FlywheelConfig, workspace: Workspace, context: stages.RoundContext) -> storage.PruneResult:
+    """The copies (and, with 'refused', the refused candidates' weights) ``storage.prune_after_round`` asks to go.
+    Runs inside the round's lock, after its record is written."""
+    result = storage.prune_holding_lock(workspace, config.model.registered_name,
+                                        refused=config.storage.prune_after_round == "refused",
+                                        keep_refused=config.storage.keep_refused, actor=f"flywheel:{context.name}")
+    get_run_logger().info(f"storage.prune_after_round={config.storage.prune_after_round}: freed "
+                          f"{storage.human_bytes(result.freed_bytes)} ({len(result.removed)} folders or versions)")
+    return result

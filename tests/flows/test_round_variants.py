@@ -90,3 +90,27 @@ def test_a_round_trains_in_two_launched_processes(tiny_model_dir, tmp_path):
     assert "flywheel.launch" in log and json.loads((launch / "result.json").read_text())["sha256"] == trained["sha256"]
     uri = f"sqlite:///{workspace / '.flywheel' / 'mlflow.db'}"
     assert registry.get_version(uri, "tiny-policy", "candidate").version == "2"
+
+
+def test_rounds_prune_what_the_recipe_asks_after_each_round(tiny_model_dir, tmp_path):
+    from flywheel.models import METADATA_FILE
+    from flywheel.storage import PRUNED_AT, PRUNED_BY
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    recipe = write_recipe(workspace / "recipe.yaml", tiny_recipe(
+        tiny_model_dir, promotion__mode="manual", storage__prune_after_round="refused",
+        generation__samples_per_prompt=2))
+    run_cli(workspace, "run", "--config", str(recipe), "--rounds", "2")
+    uri = f"sqlite:///{workspace / '.flywheel' / 'mlflow.db'}"
+    store = workspace / ".flywheel" / "models" / "tiny-policy"
+    # Each round's training folder went once its record was written; the champion's store copy stays.
+    assert list((store / "rounds").iterdir()) == []
+    assert (store / "v1" / METADATA_FILE).is_file()
+    # Round 2's candidate took the alias from round 1's, which was never champion: its weights went after round 2.
+    first = registry.get_version(uri, "tiny-policy", "2")
+    assert first.tags[PRUNED_BY] == "flywheel:round-0002" and first.tags[PRUNED_AT]
+    assert first.tags["flywheel.round_tag"] == "round-0001"  # the version and its lineage stay
+    candidate = registry.get_version(uri, "tiny-policy", "candidate")
+    assert candidate.version == "3" and PRUNED_AT not in candidate.tags
+    assert "champion -> v3" in run_cli(workspace, "promote", "candidate", "--config", str(recipe)).stdout

@@ -94,6 +94,9 @@ BAD_CONFIGS = [
      ["generation", "compute_type 'int8' needs engine 'ctranslate2'"]),
     ("unknown-compute-type", _yaml({"generation": {"engine": "ctranslate2", "compute_type": "int4"}}),
      ["generation.compute_type", "'int4'"]),
+    ("keep-refused-without-refused", _yaml({"storage": {"prune_after_round": "copies", "keep_refused": 2}}),
+     ["storage", "keep_refused: 2 applies only with prune_after_round 'refused'", "'copies'"]),
+    ("unknown-prune-mode", _yaml({"storage": {"prune_after_round": "all"}}), ["storage.prune_after_round", "'all'"]),
 ]
 
 

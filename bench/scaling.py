@@ -107,6 +107,8 @@ def write_recipe(recipe: dict, workspace: Path, per_round: int, samples: int, so
     if args.max_new_tokens:
         generation["max_new_tokens"] = args.max_new_tokens
         data.setdefault("evaluation", {})["max_new_tokens"] = args.max_new_tokens
+    # Nothing pruned: the storage series measures what each round leaves, and what each prune mode would remove.
+    data.setdefault("storage", {}).update(prune_after_round="off", keep_refused=0)
     path = workspace / "bench-scaling.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -187,7 +189,27 @@ def scaling_row(label: str, prompts: int, samples_per_prompt: int, workspace: Pa
     return row
 
 
-def storage_row(workspace: Path, number: int, measured: dict) -> dict:
+def weights_on_disk(workspace: Path, recipe: Path) -> dict:
+    """Weights the rounds left (the model store, its provisioned base aside, and MLflow's artifacts), and what would
+    be left after `flywheel prune` (copies) and `flywheel prune --refused`, from the plans those would carry out."""
+    import dataclasses
+
+    from flywheel.config import load_config
+    from flywheel.storage import plan_prune
+    from flywheel.workspace import Workspace
+
+    config = load_config(recipe, base_dir=workspace)
+    ws = Workspace.from_config(config, workspace)
+    ws = dataclasses.replace(ws, tracking_uri=f"sqlite:///{ws.state / 'mlflow.db'}")  # never the caller's server
+    base = common.disk_usage(ws.models / "base")
+    total = common.disk_usage(ws.models) - base + common.disk_usage(ws.mlflow_artifacts)
+    name = config.model.registered_name
+    return {"weights_mib": total / MIB,
+            "after_prune_mib": (total - plan_prune(ws, name).removable_bytes) / MIB,
+            "after_prune_refused_mib": (total - plan_prune(ws, name, refused=True).removable_bytes) / MIB}
+
+
+def storage_row(workspace: Path, number: int, measured: dict, recipe: Path) -> dict:
     record = round_record(workspace, number) or {}
     remote = (record.get("dataset") or {}).get("remote") or ""
     if not remote:  # a rejected round versions nothing; the remote is where the DVC config says
@@ -197,7 +219,8 @@ def storage_row(workspace: Path, number: int, measured: dict) -> dict:
             "dvc_cache_mib": common.disk_usage(workspace / ".dvc" / "cache") / MIB,
             "dvc_remote_mib": common.disk_usage(Path(remote)) / MIB if "://" not in remote else None,
             "data_mib": common.disk_usage(workspace / "data") / MIB,
-            "samples": ((record.get("generations") or {}).get("samples")), "remote": remote}
+            "samples": ((record.get("generations") or {}).get("samples")), "remote": remote,
+            **weights_on_disk(workspace, recipe)}
 
 
 # --- fits and plot ------------------------------------------------------------------------------------------------
@@ -225,6 +248,21 @@ def fits(rows: list[dict]) -> dict:
             "round_s_per_sample": slope, "round_fixed_s": intercept, "round_r2": r2(wall, slope * x + intercept)}
 
 
+def _storage_bars(ax, storage: list[dict], series: tuple[tuple[str, str], ...], divisor: float, ylabel: str,
+                  title: str) -> None:
+    import numpy as np
+
+    rounds = np.array([s["round"] for s in storage], dtype=float)
+    for offset, (key, label) in zip((-0.27, 0.0, 0.27), series):
+        ax.bar(rounds + offset, [(s[key] or 0) / divisor for s in storage], width=0.27, label=label)
+    ax.set_xticks(rounds)
+    ax.set_xlabel("rounds finished")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+
+
 def plot(rows: list[dict], storage: list[dict], fit: dict, title: str) -> Path:
     import matplotlib
 
@@ -232,7 +270,7 @@ def plot(rows: list[dict], storage: list[dict], fit: dict, title: str) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    panels = 3 if storage else 2
+    panels = 4 if storage else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
     done = [r for r in rows if r.get("samples")]
     ax = axes[0]
@@ -274,18 +312,13 @@ def plot(rows: list[dict], storage: list[dict], fit: dict, title: str) -> Path:
     ax.grid(alpha=0.3)
 
     if storage:
-        ax = axes[2]
-        rounds = np.array([s["round"] for s in storage], dtype=float)
-        for offset, (key, label) in zip((-0.27, 0.0, 0.27), (("dvc_cache_mib", "DVC cache"),
-                                                             ("dvc_remote_mib", "DVC remote"),
-                                                             ("data_mib", "data/ (checked out)"))):
-            ax.bar(rounds + offset, [s[key] or 0 for s in storage], width=0.27, label=label)
-        ax.set_xticks(rounds)
-        ax.set_xlabel("rounds finished")
-        ax.set_ylabel("MiB on disk")
-        ax.set_title("storage after each round")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3, axis="y")
+        _storage_bars(axes[2], storage, (("dvc_cache_mib", "DVC cache"), ("dvc_remote_mib", "DVC remote"),
+                                         ("data_mib", "data/ (checked out)")), 1, "MiB on disk",
+                      "storage after each round")
+        _storage_bars(axes[3], storage, (("weights_mib", "as the rounds left them"),
+                                         ("after_prune_mib", "after flywheel prune"),
+                                         ("after_prune_refused_mib", "after prune --refused")), 1024,
+                      "GiB of model weights (store + MLflow artifacts)", "weights after each round")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = common.OUT / "scaling.png"
@@ -368,15 +401,17 @@ def main() -> None:
             # Round 1 of the storage series is the scaling run of that size; its workspace was left as it ended.
             workspace = scratch / storage_home
             first = next(r for r in rows if r["run"] == storage_home)
-            storage.append(storage_row(workspace, 1, {"seconds": first["round_s"], "returncode": first["returncode"]}))
+            recipe_path = write_recipe(recipe, workspace, storage_prompts, samples, source, args)
+            storage.append(storage_row(workspace, 1, {"seconds": first["round_s"], "returncode": first["returncode"]},
+                                       recipe_path))
         else:
             workspace = fresh_workspace(scratch / f"storage-p{storage_prompts}", recipe)
-        recipe_path = write_recipe(recipe, workspace, storage_prompts, samples, source, args)
+            recipe_path = write_recipe(recipe, workspace, storage_prompts, samples, source, args)
         failed = any(s["status"].startswith("failed") for s in storage)
         for number in range(len(storage) + 1, 0 if failed else args.rounds_for_storage + 1):
             print(f"== storage: round {number} of {args.rounds_for_storage} ({storage_prompts} prompts)", flush=True)
             measured = run_round(recipe_path, workspace, number)
-            storage.append(storage_row(workspace, number, measured))
+            storage.append(storage_row(workspace, number, measured, recipe_path))
             if measured["returncode"]:
                 break  # the next round would resume this one, not add a round's data
     load_after = common.machine_load()
@@ -402,6 +437,8 @@ def main() -> None:
             ("round", "rounds", "d"), ("status", "status", ""), ("samples", "samples", "d"),
             ("round_s", "round s", ".0f"), ("dvc_cache_mib", "DVC cache MiB", ".2f"),
             ("dvc_remote_mib", "DVC remote MiB", ".2f"), ("data_mib", "data/ MiB", ".2f"),
+            ("weights_mib", "weights MiB", ".0f"), ("after_prune_mib", "after prune MiB", ".0f"),
+            ("after_prune_refused_mib", "after prune --refused MiB", ".0f"),
         ])
     notes = f"prompt pool: {pool}\nload: before {common.load_note(load_before)}; after {common.load_note(load_after)}"
     print("\n" + notes)

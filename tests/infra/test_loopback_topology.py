@@ -105,3 +105,36 @@ def test_dataset_versions_live_in_the_dvc_remote_on_the_object_store(topology):
                             cwd=workspace, env=topology["env"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (workspace / "data" / "rounds" / "round-0001" / "pairs.parquet").is_file()
+
+
+def test_prune_deletes_a_refused_candidates_weights_through_the_tracking_server(topology, tmp_path):
+    """`flywheel prune --refused` deletes proxied artifacts (mlflow-artifacts:) in the object store; the version stays."""
+    from flywheel import registry
+    from flywheel.models import write_metadata
+
+    tracking, workspace = topology["tracking"], topology["workspace"]
+    folder = tmp_path / "refused"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"refused" * 100)
+    sha = write_metadata(folder).sha256
+    client = registry.client(tracking)
+    run = client.create_run(registry.experiment_id(tracking, "prune-test", tmp_path))
+    refused = registry.register_model_dir(
+        tracking, "tiny-policy", folder, run.info.run_id, description="a refused candidate",
+        tags={f"{registry.TAG}round": "7", f"{registry.TAG}round_tag": "round-0007",
+              f"{registry.TAG}model_sha256": sha})
+    assert any(run.info.run_id in key for key in _objects(topology["s3"], "mlflow"))
+    record = workspace / ".flywheel" / "rounds" / "round-0007.json"
+    record.write_text("{}")  # its round finished (pruning reads no more of a record than that it exists)
+    try:
+        result = subprocess.run(flywheel_cmd("prune", "--refused", "--config", str(topology["recipe"]),
+                                             "--workspace", str(workspace)),
+                                cwd=workspace, env=topology["env"], capture_output=True, text=True, timeout=300)
+    finally:
+        record.unlink()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not any(run.info.run_id in key for key in _objects(topology["s3"], "mlflow"))
+    info = registry.get_version(tracking, "tiny-policy", refused.version)
+    assert info.tags[registry.WEIGHTS_PRUNED_AT]
+    assert any(key.endswith("/model/model.safetensors") for key in _objects(topology["s3"], "mlflow"))  # v1, v2

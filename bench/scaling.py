@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -163,7 +164,10 @@ def stage_seconds(workspace: Path) -> dict[str, float]:
     result = subprocess.run([sys.executable, "-c", code, str(BENCH), str(workspace)], env=round_env(workspace),
                             capture_output=True, text=True)
     if result.returncode != 0:
-        print(f"   stage times unavailable for {workspace}: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+        # The error's own line: Prefect's temporary server logs its shutdown after the traceback.
+        lines = [line for line in result.stderr.strip().splitlines()
+                 if line.strip() and not re.match(r"\d\d:\d\d:\d\d\.\d+ \| ", line)]
+        print(f"   stage times unavailable for {workspace}: {(lines or ['?'])[-1]}")
         return {}
     data = json.loads(result.stdout.strip().splitlines()[-1])
     seconds: dict[str, float] = {"flow": data["flow"]}

@@ -35,5 +35,5 @@ def prune_storage(config: FlywheelConfig, workspace: Workspace, context: stages.
                                         refused=config.storage.prune_after_round == "refused",
                                         keep_refused=config.storage.keep_refused, actor=f"flywheel:{context.name}")
     get_run_logger().info(f"storage.prune_after_round={config.storage.prune_after_round}: freed "
-                          f"{storage.human_bytes(result.freed_bytes)} ({len(result.removed)} folders or versions)")
+                          f"{storage.human_bytes(result.freed_bytes)} ({len(result.removed)} of {len(result.plan.items)} items)")
     return result

@@ -207,10 +207,11 @@ def weights_on_disk(workspace: Path, recipe: Path) -> dict:
     ws = dataclasses.replace(ws, tracking_uri=f"sqlite:///{ws.state / 'mlflow.db'}")  # never the caller's server
     base = common.disk_usage(ws.models / "base")
     total = common.disk_usage(ws.models) - base + common.disk_usage(ws.mlflow_artifacts)
-    name = config.model.registered_name
-    return {"weights_mib": total / MIB,
-            "after_prune_mib": (total - plan_prune(ws, name).removable_bytes) / MIB,
-            "after_prune_refused_mib": (total - plan_prune(ws, name, refused=True).removable_bytes) / MIB}
+    # One plan serves both: `--refused` removes what the plain prune does, plus the registered weights it lists.
+    removable = plan_prune(ws, config.model.registered_name, refused=True).removable
+    copies = sum(item.size for item in removable if item.kind != "registered_weights")
+    return {"weights_mib": total / MIB, "after_prune_mib": (total - copies) / MIB,
+            "after_prune_refused_mib": (total - sum(item.size for item in removable)) / MIB}
 
 
 def storage_row(workspace: Path, number: int, measured: dict, recipe: Path) -> dict:

@@ -423,17 +423,19 @@ def prune(config: ConfigOption = None, workspace: WorkspaceOption = None,
     from rich.console import Console
     from rich.table import Table
 
-    from flywheel.storage import describe, human_bytes, plan_prune
+    from flywheel.preflight import size_text
+    from flywheel.storage import describe, plan_prune
     from flywheel.storage import prune as prune_workspace
     from flywheel.workspace import WorkspaceBusy
 
     name = cfg.model.registered_name
+    result = None
     try:
         if dry_run:
-            plan, removed = plan_prune(ws, name, refused=refused, keep_refused=keep_refused), None
+            plan = plan_prune(ws, name, refused=refused, keep_refused=keep_refused)
         else:
             result = prune_workspace(ws, name, refused=refused, keep_refused=keep_refused, actor=actor)
-            plan, removed = result.plan, result.removed
+            plan = result.plan
     except WorkspaceBusy as error:
         _fail(str(error))
     if not plan.items:
@@ -445,10 +447,10 @@ def prune(config: ConfigOption = None, workspace: WorkspaceOption = None,
     for row in describe(plan.items, ws.root):
         table.add_row(*row)
     Console().print(table)
-    if removed is None:
-        typer.echo(f"would free {human_bytes(plan.removable_bytes)} ({len(plan.removable)} items)")
+    if result is None:
+        typer.echo(f"would free {size_text(plan.removable_bytes)} ({len(plan.removable)} items)")
     else:
-        typer.echo(f"freed {human_bytes(sum(i.size for i in removed))} ({len(removed)} items)")
+        typer.echo(f"freed {size_text(result.freed_bytes)} ({len(result.removed)} items)")
 
 
 @app.command()

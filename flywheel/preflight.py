@@ -61,11 +61,12 @@ def is_disk_full(error: BaseException) -> bool:
 def disk_full(path: Path | str, error: BaseException | None = None) -> DiskFullError:
     """The one error a full disk becomes, naming the file that could not be written."""
     free = _free_bytes(Path(path))
-    where = f" ({_size(free)} free)" if free is not None else ""
+    where = f" ({size_text(free)} free)" if free is not None else ""
     return DiskFullError(f"{path}: disk is full{where}; free some space and run again")
 
 
-def _size(count: int) -> str:
+def size_text(count: int) -> str:
+    """Bytes as people read them: 512 B, 3.4 MiB, 1.2 GiB."""
     value = float(count)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":
@@ -113,8 +114,8 @@ def check_writable_dir(path: Path, what: str) -> None:
 def check_free_space(path: Path, what: str, minimum: int = MIN_FREE_BYTES) -> None:
     free = _free_bytes(Path(path))
     if free is not None and free < minimum:
-        raise PreflightError(f"{what} {path}: disk is full or nearly so ({_size(free)} free; a round needs at least "
-                             f"{_size(minimum)})")
+        raise PreflightError(f"{what} {path}: disk is full or nearly so ({size_text(free)} free; a round needs at "
+                             f"least {size_text(minimum)})")
 
 
 def check_storage(config: FlywheelConfig, workspace) -> None:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 CHAMPION = "champion"
 CANDIDATE = "candidate"
 TAG = "flywheel."  # prefix of every tag this project writes
+PROMOTED_AT = f"{TAG}promoted_at"  # set on a version whenever it becomes champion
 # Set when `flywheel prune --refused` deleted a version's registered weights.
 WEIGHTS_PRUNED_AT = f"{TAG}weights_pruned_at"
 WEIGHTS_PRUNED_BY = f"{TAG}weights_pruned_by"
@@ -213,7 +214,7 @@ def set_champion(tracking_uri: str, name: str, version: str, *, reason: str, act
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if current is not None:
         mlflow_client.set_model_version_tag(name, target.version, f"{TAG}promoted_over", current.version)
-    mlflow_client.set_model_version_tag(name, target.version, f"{TAG}promoted_at", now)
+    mlflow_client.set_model_version_tag(name, target.version, PROMOTED_AT, now)
     mlflow_client.set_model_version_tag(name, target.version, f"{TAG}promoted_by", actor)
     mlflow_client.set_model_version_tag(name, target.version, f"{TAG}promotion_reason", reason)
     mlflow_client.set_registered_model_alias(name, CHAMPION, target.version)

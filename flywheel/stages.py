@@ -1248,7 +1248,7 @@ def decide_promotion(config: FlywheelConfig, workspace: Workspace, registration:
 def _finished_promotion(workspace: Workspace, name: str, version: str) -> registry.Promotion | None:
     """The promotion an earlier attempt of this round made before it was killed, read back from the registry."""
     current = registry.find_version(workspace.tracking_uri, name, registry.CHAMPION)
-    if current is None or current.version != version or f"{registry.TAG}promoted_at" not in current.tags:
+    if current is None or current.version != version or registry.PROMOTED_AT not in current.tags:
         return None
     return registry.Promotion(name=name, version=version, previous=current.tags.get(f"{registry.TAG}promoted_over"),
                               promoted=True, reason=current.tags.get(f"{registry.TAG}promotion_reason", ""))

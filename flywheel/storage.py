@@ -23,10 +23,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from flywheel import registry
+from flywheel.preflight import size_text
 from flywheel.workspace import Workspace, round_lock
 
 PRUNED_AT, PRUNED_BY = registry.WEIGHTS_PRUNED_AT, registry.WEIGHTS_PRUNED_BY
-PROMOTED_AT = f"{registry.TAG}promoted_at"
 
 Kind = Literal["round_output", "store_copy", "registered_weights"]
 
@@ -80,18 +80,20 @@ def _artifact_bytes(uri: str, tracking_uri: str) -> int:
     return walk(None)
 
 
-def registered_names(workspace: Workspace, policy: str) -> list[str]:
-    """The policy's registered model and those next to it in the model store (the SPaR refiner), that exist."""
+def registered_versions(workspace: Workspace, policy: str) -> dict[str, list[registry.VersionInfo]]:
+    """The versions of the policy's registered model and of those next to it in the model store (the SPaR refiner),
+    for each that exists."""
     names = {policy}
     if workspace.models.is_dir():
         names |= {p.name for p in workspace.models.iterdir() if p.is_dir()}
-    return sorted(n for n in names if registry.list_versions(workspace.tracking_uri, n))
+    listed = {name: registry.list_versions(workspace.tracking_uri, name) for name in sorted(names)}
+    return {name: versions for name, versions in listed.items() if versions}
 
 
 def is_refused(info: registry.VersionInfo) -> bool:
     """Trained by a round, never champion, and holding no alias: a candidate the gate (or a reviewer) turned down."""
     return (info.tags.get(f"{registry.TAG}round", "0") != "0" and not info.aliases
-            and PROMOTED_AT not in info.tags and PRUNED_AT not in info.tags)
+            and registry.PROMOTED_AT not in info.tags and PRUNED_AT not in info.tags)
 
 
 def plan_prune(workspace: Workspace, policy: str, *, refused: bool = False, keep_refused: int = 0) -> PrunePlan:
@@ -99,8 +101,7 @@ def plan_prune(workspace: Workspace, policy: str, *, refused: bool = False, keep
     if keep_refused < 0:
         raise ValueError(f"keep_refused must be >= 0, got {keep_refused}")
     items: list[PruneItem] = []
-    for name in registered_names(workspace, policy):
-        versions = registry.list_versions(workspace.tracking_uri, name)
+    for name, versions in registered_versions(workspace, policy).items():
         doomed = _refused_to_delete(workspace, versions, keep_refused) if refused else set()
         items += [_round_output(workspace, name, folder, versions, doomed)
                   for folder in _subfolders(workspace.models / name / "rounds")]
@@ -233,14 +234,6 @@ def _remove_folder(folder: Path) -> bool:
     return True
 
 
-def human_bytes(size: int | float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(size) < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
 def describe(items: Iterable[PruneItem], root: Path) -> list[tuple[str, str, str, str, str]]:
     """Rows for a table: action, what (a folder relative to the workspace ``root``), version, size, reason."""
     labels = {"round_output": "round output", "store_copy": "store copy", "registered_weights": "registered weights"}
@@ -250,4 +243,4 @@ def describe(items: Iterable[PruneItem], root: Path) -> list[tuple[str, str, str
         return str(path.relative_to(root)) if path.is_absolute() and path.is_relative_to(root) else location
 
     return [("remove" if i.remove else "keep", f"{labels[i.kind]}: {where(i.location)}",
-             f"{i.name} v{i.version}" if i.version else i.name, human_bytes(i.size), i.reason) for i in items]
+             f"{i.name} v{i.version}" if i.version else i.name, size_text(i.size), i.reason) for i in items]

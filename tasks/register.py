@@ -2,6 +2,7 @@ from prefect import get_run_logger, task
 
 from flywheel import registry, stages, storage
 from flywheel.config import FlywheelConfig
+from flywheel.preflight import size_text
 from flywheel.evaluation import Evaluation
 from flywheel.review import ReviewDecision
 from flywheel.training import TrainedModel
@@ -35,5 +36,5 @@ def prune_storage(config: FlywheelConfig, workspace: Workspace, context: stages.
                                         refused=config.storage.prune_after_round == "refused",
                                         keep_refused=config.storage.keep_refused, actor=f"flywheel:{context.name}")
     get_run_logger().info(f"storage.prune_after_round={config.storage.prune_after_round}: freed "
-                          f"{storage.human_bytes(result.freed_bytes)} ({len(result.removed)} of {len(result.plan.items)} items)")
+                          f"{size_text(result.freed_bytes)} ({len(result.removed)} of {len(result.plan.items)} items)")
     return result

@@ -415,6 +415,7 @@ def prune(config: ConfigOption = None, workspace: WorkspaceOption = None,
               min=0, help="With --refused: keep the newest N refused candidates' weights.")] = 0,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go and what stays; change nothing.")
                              ] = False,
+          wait: Annotated[bool, typer.Option(help="Wait for a round already running in this workspace.")] = False,
           actor: Annotated[str, typer.Option(help="Who prunes; recorded on pruned versions.")
                            ] = os.environ.get("USER", "reviewer")) -> None:
     """Give disk back: copies of weights the registry holds (finished rounds' training outputs, model-store copies
@@ -434,7 +435,7 @@ def prune(config: ConfigOption = None, workspace: WorkspaceOption = None,
         if dry_run:
             plan = plan_prune(ws, name, refused=refused, keep_refused=keep_refused)
         else:
-            result = prune_workspace(ws, name, refused=refused, keep_refused=keep_refused, actor=actor)
+            result = prune_workspace(ws, name, refused=refused, keep_refused=keep_refused, actor=actor, wait=wait)
             plan = result.plan
     except WorkspaceBusy as error:
         _fail(str(error))

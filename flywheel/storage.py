@@ -191,9 +191,10 @@ def _registered_weights(workspace: Workspace, name: str, versions: list[registry
 
 
 def prune(workspace: Workspace, policy: str, *, refused: bool = False, keep_refused: int = 0,
-          actor: str = "flywheel") -> PruneResult:
-    """Plan and remove under the round lock, so a round never sees a copy vanish while it runs."""
-    with round_lock(workspace):
+          actor: str = "flywheel", wait: bool = False) -> PruneResult:
+    """Plan and remove under the round lock, so a round never sees a copy vanish while it runs (``wait``: block
+    until a running round releases it, instead of failing with ``WorkspaceBusy``)."""
+    with round_lock(workspace, wait=wait):
         return prune_holding_lock(workspace, policy, refused=refused, keep_refused=keep_refused, actor=actor)
 
 

@@ -160,6 +160,29 @@ def test_prune_waits_for_no_round(workspace):
     assert (workspace.models / NAME / "rounds" / "round-0001").is_dir()
 
 
+def test_prune_with_wait_runs_once_the_round_releases_the_lock(workspace):
+    import threading
+
+    outcome: dict = {}
+
+    def prune_waiting():
+        try:
+            outcome["result"] = storage.prune(workspace, NAME, wait=True)
+        except WorkspaceBusy as error:  # what a prune without waiting raises at once
+            outcome["error"] = error
+
+    with round_lock(workspace):
+        pruner = threading.Thread(target=prune_waiting)
+        pruner.start()
+        pruner.join(timeout=0.5)
+        assert pruner.is_alive() and not outcome, "prune went ahead while a round held the workspace"
+        assert (workspace.models / NAME / "rounds" / "round-0001").is_dir()
+    pruner.join(timeout=60)
+    assert "error" not in outcome
+    assert not (workspace.models / NAME / "rounds" / "round-0001").exists()
+    assert str(workspace.models / NAME / "rounds" / "round-0001") in {i.location for i in outcome["result"].removed}
+
+
 def test_the_command_shows_the_plan_and_prunes(workspace, monkeypatch):
     from typer.testing import CliRunner
 

@@ -21,6 +21,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,8 +41,14 @@ def run_round(config: Path, workspace: Path, api_url: str | None = None) -> tupl
     return time.perf_counter() - started, began, datetime.now(timezone.utc)
 
 
-def stage_times(workspace: Path, api_url: str | None = None) -> tuple[list[tuple[str, float]], float, tuple]:
-    """Each task's seconds, the round flow run's seconds, and the outer ``flywheel`` run's start and end."""
+class RoundTimes(NamedTuple):
+    stages: list[tuple[str, float]]  # each task's name and seconds, in start order
+    flow_seconds: float  # the round flow run's
+    outer: tuple[datetime, datetime]  # the outer ``flywheel`` run's start and end
+
+
+def stage_times(workspace: Path, api_url: str | None = None) -> RoundTimes:
+    """The times Prefect recorded for the workspace's latest round."""
     from flywheel.workspace import quiet_environment
 
     os.environ.update(quiet_environment())
@@ -67,8 +74,8 @@ def stage_times(workspace: Path, api_url: str | None = None) -> tuple[list[tuple
     stages = sorted(((t.name.rsplit("-", 1)[0], t.start_time, t.end_time) for t in tasks if t.start_time and t.end_time),
                     key=lambda item: item[1])
     flow_seconds = (flow_run.end_time - flow_run.start_time).total_seconds()
-    return ([(name, (end - start).total_seconds()) for name, start, end in stages], flow_seconds,
-            (outer.start_time, outer.end_time))
+    return RoundTimes([(name, (end - start).total_seconds()) for name, start, end in stages], flow_seconds,
+                      (outer.start_time, outer.end_time))
 
 
 def orchestration_overhead(workspace: Path, stages: dict[str, float], wall: float) -> dict:

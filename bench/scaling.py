@@ -159,8 +159,8 @@ def stage_seconds(workspace: Path) -> dict[str, float]:
     """Seconds of each stage of the workspace's last round, as Prefect recorded them (bench/round.py's reader, in a
     child process: Prefect reads its home once, at import)."""
     code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
-            "from round import stage_times; stages, flow = stage_times(Path(sys.argv[2])); "
-            "print(json.dumps({'stages': stages, 'flow': flow}))")
+            "from round import stage_times; times = stage_times(Path(sys.argv[2])); "
+            "print(json.dumps({'stages': times.stages, 'flow': times.flow_seconds}))")
     result = subprocess.run([sys.executable, "-c", code, str(BENCH), str(workspace)], env=round_env(workspace),
                             capture_output=True, text=True)
     if result.returncode != 0:

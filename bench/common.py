@@ -35,17 +35,35 @@ def parameter_count(model_dir: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its vector extensions that matter to torch's kernels. Benchmarks record it because
+    other kernels round differently: the same seed draws other samples on another CPU, so runs compare as paired
+    only on the same one."""
+    import platform
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    vector = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if flag in flags]
+    return f"{fields.get('model name', platform.machine())} ({', '.join(vector) or 'no AVX2'})"
+
+
 def machine_load() -> dict:
     one, five, fifteen = os.getloadavg()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2), "cores": cores,
-            "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+            "cpu": cpu_model(), "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
 def load_note(load: dict) -> str:
     busy = " (other work shares these cores: figures are lower than an idle machine gives)" \
         if load["load_1m"] > 0.5 * load["cores"] else ""
-    return f"load average {load['load_1m']} / {load['load_5m']} / {load['load_15m']} on {load['cores']} cores{busy}"
+    cpu = f" of {load['cpu']}" if load.get("cpu") else ""
+    return f"load average {load['load_1m']} / {load['load_5m']} / {load['load_15m']} on {load['cores']} cores{cpu}{busy}"
 
 
 def matmul_flops(dtype: str, size: int = 2048, seconds: float = 2.0) -> float:

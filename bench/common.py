@@ -37,8 +37,8 @@ def parameter_count(model_dir: Path) -> int:
 
 def cpu_model() -> str:
     """The CPU's model name and its vector extensions that matter to torch's kernels. Benchmarks record it because
-    other kernels round differently: the same seed draws other samples on another CPU, so runs compare as paired
-    only on the same one."""
+    timings compare only on one CPU, and because another CPU's kernels may round differently, so a seed's draws
+    repeating across CPUs is a thing to check, not assume."""
     import platform
 
     try:

@@ -62,8 +62,8 @@ def machine_load() -> dict:
 def load_note(load: dict) -> str:
     busy = " (other work shares these cores: figures are lower than an idle machine gives)" \
         if load["load_1m"] > 0.5 * load["cores"] else ""
-    cpu = f" of {load['cpu']}" if load.get("cpu") else ""
-    return f"load average {load['load_1m']} / {load['load_5m']} / {load['load_15m']} on {load['cores']} cores{cpu}{busy}"
+    return (f"load average {load['load_1m']} / {load['load_5m']} / {load['load_15m']} on {load['cores']} cores "
+            f"of {load['cpu']}{busy}")
 
 
 def matmul_flops(dtype: str, size: int = 2048, seconds: float = 2.0) -> float:

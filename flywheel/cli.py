@@ -20,6 +20,7 @@ ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YA
 WorkspaceOption = Annotated[
     Optional[Path], typer.Option("--workspace", "-w", help="git + DVC workspace (default: $FLYWHEEL_WORKSPACE or .).")
 ]
+WaitOption = Annotated[bool, typer.Option(help="Wait for a round already running in this workspace.")]
 
 
 def _fail(message: str) -> None:
@@ -55,7 +56,7 @@ def _setup(config_path: Path | None, workspace: Path | None):
 @app.command()
 def run(config: ConfigOption = None, workspace: WorkspaceOption = None,
         rounds: Annotated[int, typer.Option(min=1, help="Rounds to run, one after another.")] = 1,
-        wait: Annotated[bool, typer.Option(help="Wait for a round already running in this workspace.")] = False,
+        wait: WaitOption = False,
         restart: Annotated[bool, typer.Option(
             help="Start an unfinished round anew (its finished stages are set aside, not deleted).")] = False) -> None:
     """Run flywheel rounds and print a summary of each. An unfinished round resumes after its last finished stage."""
@@ -415,7 +416,7 @@ def prune(config: ConfigOption = None, workspace: WorkspaceOption = None,
               min=0, help="With --refused: keep the newest N refused candidates' weights.")] = 0,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go and what stays; change nothing.")
                              ] = False,
-          wait: Annotated[bool, typer.Option(help="Wait for a round already running in this workspace.")] = False,
+          wait: WaitOption = False,
           actor: Annotated[str, typer.Option(help="Who prunes; recorded on pruned versions.")
                            ] = os.environ.get("USER", "reviewer")) -> None:
     """Give disk back: copies of weights the registry holds (finished rounds' training outputs, model-store copies

@@ -600,9 +600,16 @@ class DeploymentConfig(Section):
 
 
 class FlywheelConfig(Section):
-    """One round's recipe. The same object renders as the flow-run form in the Prefect UI."""
+    """One round's recipe. The same object renders as the flow-run form in the Prefect UI.
 
-    name: str = Field("default", min_length=1)
+    The field defaults are a conservative baseline (best-of-n with DPO, manual promotion, nothing pruned), which is
+    what a flow called without a ``config`` runs. The measured default recipe is ``configs/default.yaml`` (repair
+    with SFT, automatic promotion within a drift budget): ``flywheel run`` and the deployments load it unless told
+    otherwise. The two carry different names, so the ``flywheel.recipe`` tag tells their models apart.
+    """
+
+    name: str = Field("baseline", min_length=1, description="The recipe's name: the flywheel.recipe tag of its "
+                      "models and the name of its deployments.")
     seed: int = 0
     model: ModelConfig = ModelConfig()
     prompts: PromptsConfig = PromptsConfig()

@@ -22,6 +22,9 @@ class TrainingError(RuntimeError):
 
 class TrainedModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Where the round trained into. Once the version is registered the registry holds the weights, and with
+    # storage.prune_after_round this folder is removed after the round's record is written (flywheel.storage):
+    # look a model up by its registered version and sha256, not by this path.
     path: str
     sha256: str
     method: str

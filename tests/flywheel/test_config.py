@@ -165,6 +165,16 @@ def test_empty_file_is_the_default_config(tmp_path):
     assert config.training.method == "dpo" and config.generation.samples_per_prompt == 4
 
 
+def test_field_defaults_and_the_default_recipe_are_told_apart_in_lineage():
+    # A flow called without a config runs the field defaults, which are not configs/default.yaml's recipe: the
+    # flywheel.recipe tag (config.name) must not call both "default".
+    recipe = load_config(ROOT / "configs" / "default.yaml", base_dir=ROOT)
+    baseline = FlywheelConfig()
+    assert baseline != recipe
+    assert baseline.name != recipe.name
+    assert all(load_config(path, base_dir=ROOT).name != baseline.name for path in RECIPES)
+
+
 def test_sft_with_one_sample_is_fine():
     config = parse_config({"training": {"method": "sft"}, "generation": {"samples_per_prompt": 1}})
     assert config.generation.samples_per_prompt == 1

@@ -99,6 +99,14 @@ def write_json(name: str, data: dict) -> Path:
     return path
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay the figure out and write it as a PNG at ``path`` (its folder created): every benchmark's plot."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """``columns``: (key, header, format spec). Returns the text it printed (a Markdown table)."""
     header = "| " + " | ".join(h for _, h, _ in columns) + " |"

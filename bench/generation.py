@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=0,
                         help="prompts every batch size answers (0: one batch's worth, batch / samples): with "
                              "--prompts 64 --samples 4 each size runs the default round's whole generate workload")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timings, run each engine's first batch once more under torch's profiler and "
+                             "print where its time went (ops by CPU time, and the matrix products' GFLOP/s)")
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args()
     import torch
@@ -155,6 +158,9 @@ def main() -> None:
                   f"{tokens / seconds:7.1f} tokens/s", flush=True)
             if size == max(sizes):
                 outputs[engine_name] = completions
+        if args.profile:
+            engine.batch_size = sizes[0]
+            profile_batch(engine, engine_name, prompts[: sizes[0] // args.samples], args.samples, params)
         del engine
     ceiling_after = common.ceilings()
     load_after = common.machine_load()
@@ -219,6 +225,24 @@ def main() -> None:
         print(f"logged MLflow run {run_id} in experiment {common.EXPERIMENT}")
 
 
+def profile_batch(engine, engine_name: str, prompts: list, samples: int, params, top: int = 15) -> None:
+    """One batch under torch's profiler (which slows small ops): the ops that took the most CPU time, and the rate
+    of the matrix products (``aten::mm``, the linear layers) from the profiler's own FLOP count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as profiler:
+        completions, seconds = timed(engine, prompts, samples, params)
+    averages = profiler.key_averages()
+    print(f"\nprofile of {engine_name}, one batch of {len(prompts) * samples} rows: "
+          f"{sum(c.n_tokens for c in completions)} tokens in {seconds:.1f} s (profiled)")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40))
+    for op in ("aten::mm", "aten::bmm"):
+        event = next((e for e in averages if e.key == op), None)
+        if event is not None and event.self_cpu_time_total:
+            print(f"{op}: {event.flops / 1e9:.0f} GFLOP in {event.self_cpu_time_total / 1e6:.1f} s = "
+                  f"{event.flops / event.self_cpu_time_total / 1e3:.0f} GFLOP/s")
+
+
 def plot(rows: list[dict], fp32_ceiling: float, bf16_ceiling: float, load: dict, threads: int, path: Path) -> Path:
     import matplotlib
 
@@ -245,10 +269,7 @@ def plot(rows: list[dict], fp32_ceiling: float, bf16_ceiling: float, load: dict,
     ax.set_title(f"SmolLM2-135M generation on CPU ({threads} of {load['cores']} cores, load {load['load_1m']})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

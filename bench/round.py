@@ -155,8 +155,7 @@ def main() -> None:
     ax.barh([n for n, _ in stages][::-1], [s for _, s in stages][::-1], color="#4472c4")
     ax.set_xlabel("seconds")
     ax.set_title(f"flywheel round stages ({args.config.name}), flow {flow_seconds:.0f} s")
-    fig.tight_layout()
-    fig.savefig(out / "round.png", dpi=120)
+    common.save_figure(fig, out / "round.png")
     print(f"wrote {out / 'round.json'} and {out / 'round.png'}")
     print(f"load: before {common.load_note(load_before)}; after {common.load_note(load_after)}")
     if not args.no_mlflow:

@@ -325,11 +325,7 @@ def plot(rows: list[dict], storage: list[dict], fit: dict, title: str) -> Path:
                                          ("after_prune_refused_mib", "after prune --refused")), 1024,
                       "GiB of model weights (store + MLflow artifacts)", "weights after each round")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = common.OUT / "scaling.png"
-    common.OUT.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return common.save_figure(fig, common.OUT / "scaling.png")
 
 
 # --- main ---------------------------------------------------------------------------------------------------------

@@ -245,10 +245,7 @@ def plot_rows(rows: list[dict], base: dict) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle("held-out accuracy of each round's candidate")
-    fig.tight_layout()
-    path = common.OUT / "strategies.png"
-    fig.savefig(path, dpi=120)
-    return path
+    return common.save_figure(fig, common.OUT / "strategies.png")
 
 
 if __name__ == "__main__":

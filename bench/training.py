@@ -166,10 +166,7 @@ def plot(rows: list[dict], load: dict, threads: int, path: Path) -> Path:
     ax.set_ylabel("training tokens/s")
     ax.set_title(f"SmolLM2-135M training on CPU ({threads} of {load['cores']} cores, load {load['load_1m']})")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -91,15 +91,15 @@ def main() -> None:
     rows_out = []
     for count in [int(r) for r in args.rows.split(",")]:
         x = {i: torch.randn(count, i) for i in {i for _, i in shapes.values()} | {hidden}}
+        inputs = {name: x[i] for name, (_, i) in shapes.items()}
         for way in ways:
-            layer_fns = [{name: multiplier(way, w, count) for name, w in layer.items()} for layer in weights]
-            head_fn = multiplier(way, head, count)
+            # (multiply, its input, the weight) for every weight a step reads, the output layer last.
+            calls = [(multiplier(way, w, count), inputs[name], w) for layer in weights for name, w in layer.items()]
+            calls.append((multiplier(way, head, count), x[hidden], head))
 
             def step():
-                for fns in layer_fns:
-                    for name, fn in fns.items():
-                        fn(x[shapes[name][1]])
-                head_fn(x[hidden])
+                for multiply, inp, _ in calls:
+                    multiply(inp)
 
             for _ in range(2):
                 step()
@@ -107,17 +107,14 @@ def main() -> None:
             for _ in range(args.steps):
                 step()
             seconds = (time.perf_counter() - started) / args.steps
-            equal = [name for name, fn in layer_fns[0].items()
-                     if torch.equal(fn(x[shapes[name][1]]), torch.nn.functional.linear(x[shapes[name][1]],
-                                                                                      weights[0][name]))]
-            if torch.equal(head_fn(x[hidden]), torch.nn.functional.linear(x[hidden], head)):
-                equal.append("output")
-            rows_out.append({"way": way, "rows": count, "ms_per_step": seconds * 1e3,
-                             "gflops": step_flops_per_row * count / seconds / 1e9,
-                             "of_square": step_flops_per_row * count / seconds / square,
-                             "equal_to_linear": ", ".join(equal) or "none"})
+            checked = [*zip(shapes, calls[:len(shapes)]), ("output", calls[-1])]
+            equal = [name for name, (multiply, inp, w) in checked
+                     if torch.equal(multiply(inp), torch.nn.functional.linear(inp, w))]
+            flops = step_flops_per_row * count / seconds
+            rows_out.append({"way": way, "rows": count, "ms_per_step": seconds * 1e3, "gflops": flops / 1e9,
+                             "of_square": flops / square, "equal_to_linear": ", ".join(equal) or "none"})
             print(f"  {way:14} {count:4} rows: {seconds * 1e3:7.1f} ms a step", flush=True)
-            del layer_fns, head_fn
+            del calls
     load_after = common.machine_load()
     print(f"\nsquare fp32 matmul {square / 1e9:.0f} GFLOP/s; load after: {common.load_note(load_after)}\n")
     table = common.print_table(rows_out, [

@@ -45,6 +45,12 @@ class PromptsConfig(Section):
                     "their side of the split (a larger eval_limit then scores a superset of the same held-out "
                     "prompts): 1024 holds out about 256, and scoring 192 of them halves the 95% interval of 48.")
     seed: int = 0
+    focus: float = Field(
+        0.0, ge=0, le=100,
+        description="How far a round's training prompts lean toward the instruction types the latest finished round "
+                    "failed and turned into training rows (flywheel/focus.py): a prompt's weight is 1 + focus x its "
+                    "types' score, drawn from prompts no earlier round answered. 0: consecutive windows of one "
+                    "seeded order, as the first round of a focused recipe also draws.")
 
     @model_validator(mode="after")
     def _builtin_count_needs_builtin(self) -> PromptsConfig:

@@ -392,7 +392,7 @@ def _ensure_unique_ids(prompts: Sequence[Prompt], context: str) -> None:
         seen.add(prompt.id)
 
 
-def _unit_hash(purpose: str, seed: int, key: str) -> float:
+def unit_hash(purpose: str, seed: int, key: str) -> float:
     """A stable pseudo-random number in [0, 1) for (purpose, seed, key), independent of input order."""
     digest = hashlib.sha256(f"{purpose}\x00{seed}\x00{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -414,7 +414,7 @@ def split_prompts(prompts: Sequence[Prompt], eval_fraction: float, seed: int = 0
     held_out: list[Prompt] = []
     for prompt in prompts:
         anchor = anchor_of_text.setdefault(normalize_prompt_text(prompt.prompt), prompt.id)
-        (held_out if _unit_hash("split", seed, anchor) < eval_fraction else train).append(prompt)
+        (held_out if unit_hash("split", seed, anchor) < eval_fraction else train).append(prompt)
     if not train or not held_out:
         raise ValueError(
             f"split_prompts: {len(prompts)} prompts with eval_fraction={eval_fraction} gave {len(train)} train and "
@@ -433,7 +433,7 @@ def sample_round_prompts(train: Sequence[Prompt], k: int, round_index: int, seed
     if not train:
         raise ValueError("sample_round_prompts: no training prompts to sample from")
     # Ordering by hash (not shuffling the given list) makes the windows independent of the input order.
-    order = sorted(train, key=lambda prompt: (_unit_hash("round", seed, prompt.id), prompt.id))
+    order = sorted(train, key=lambda prompt: (unit_hash("round", seed, prompt.id), prompt.id))
     if k >= len(order):
         return order
     start = ((round_index - 1) * k) % len(order)

@@ -54,6 +54,7 @@ class PromptSplit(Frozen):
     train: int
     eval: int
     round_prompts: int
+    focus_round: int | None = None  # the earlier round whose samples weighted this round's prompts (prompts.focus)
 
 
 class Generations(Frozen):
@@ -245,13 +246,56 @@ def load_prompt_split(config: FlywheelConfig, workspace: Workspace, context: Rou
 
     prompts = recipe_prompts(config.prompts, workspace.root)
     train, held_out = split_prompts(prompts, config.prompts.eval_fraction, seed=config.prompts.seed)
-    chosen = sample_round_prompts(train, config.prompts.per_round, context.number, seed=config.prompts.seed)
+    earlier = [r.round for r in read_round_records(workspace) if r.round < context.number] \
+        if config.prompts.focus else []
+    if earlier:
+        from flywheel.focus import focused_round_prompts
+
+        scores = focus_scores(workspace, max(earlier), training_table(config))
+        answered = {p.id for number in earlier for p in _round_prompts(workspace, number)}
+        chosen = focused_round_prompts(train, config.prompts.per_round, context.number, scores,
+                                       config.prompts.focus, answered, seed=config.prompts.seed)
+        log_metrics(workspace, context.run_id, {f"prompts.focus.{kind}": v for kind, v in scores.items()})
+    else:  # unfocused, or nothing to focus on yet: the first round draws what an unfocused recipe draws
+        chosen = sample_round_prompts(train, config.prompts.per_round, context.number, seed=config.prompts.seed)
     held_out = held_out[: config.prompts.eval_limit]
     work_dir = Path(context.work_dir)
     save_prompts(chosen, work_dir / "prompts.jsonl")
     save_prompts(held_out, work_dir / "eval_prompts.jsonl")
     return PromptSplit(train_path=str(work_dir / "prompts.jsonl"), eval_path=str(work_dir / "eval_prompts.jsonl"),
-                       train=len(train), eval=len(held_out), round_prompts=len(chosen))
+                       train=len(train), eval=len(held_out), round_prompts=len(chosen),
+                       focus_round=max(earlier) if earlier else None)
+
+
+def focus_scores(workspace: Workspace, number: int, table: str) -> dict[str, float]:
+    """``flywheel.focus.teachable_failure`` of round ``number``'s clean samples and ``table`` rows (its dataset)."""
+    from flywheel.focus import teachable_failure
+
+    data = workspace.round_data(number)
+    frames = {}
+    for name, columns in (("samples", ["prompt_id", "checks"]), (table, ["prompt_id"])):
+        path = data / f"{name}.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts.focus reads round {number}'s {path.name}, which is missing ({path}); "
+                                    "restore it (dvc checkout at its tag) or set prompts.focus: 0")
+        frames[name] = read_table(path)
+        missing = sorted(set(columns) - set(frames[name].columns))
+        if missing:
+            raise ValueError(f"prompts.focus: round {number}'s {path.name} lacks columns {missing}; "
+                             "set prompts.focus: 0")
+    checks = [(row.prompt_id, json.loads(row.checks) if isinstance(row.checks, str) else dict(row.checks or {}))
+              for row in frames["samples"].itertuples()]
+    return teachable_failure(checks, set(frames[table].prompt_id))
+
+
+def _round_prompts(workspace: Workspace, number: int) -> list:
+    from flywheel.prompts import load_prompts
+
+    path = workspace.round_data(number) / "prompts.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts.focus skips the prompts earlier rounds answered, but round {number}'s "
+                                f"{path.name} is missing ({path}); restore it or set prompts.focus: 0")
+    return load_prompts(path)
 
 
 # Prompts answered per part file (at least one engine batch of them, see _chunk_prompts): generation holds one

@@ -560,3 +560,57 @@ def test_train_candidate_also_trains_on_refused_rounds_rows(registry_workspace, 
     (workspace.round_data(3) / "sft.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="round 3's dataset has no sft.parquet"):
         stages.train_candidate(config, workspace, _context(4, tmp_path), quality, SimpleNamespace(dvc_md5="m"))
+
+
+# --- prompts.focus: later rounds lean toward what the latest round failed and taught ----------------------------
+
+def test_load_prompt_split_focuses_later_rounds_on_the_latest_rounds_teachable_failures(tmp_path, monkeypatch):
+    import json
+
+    import pandas as pd
+
+    from flywheel import stages
+    from flywheel.prompts import load_prompts, sample_round_prompts, save_prompts
+
+    config = parse_config({"prompts": {"builtin_count": 512, "per_round": 32, "focus": 20.0},
+                          "training": {"method": "sft"}})
+    workspace = Workspace.from_config(config, tmp_path)
+    monkeypatch.setattr(stages, "log_metrics", lambda *args, **kwargs: None)
+    monkeypatch.setattr(stages, "read_round_records", lambda ws: [])
+
+    def split(number):
+        work = tmp_path / "work" / str(number)
+        work.mkdir(parents=True)
+        return stages.load_prompt_split(config, workspace, _context(number, work))
+
+    first = split(1)  # nothing to focus on yet: the unfocused window
+    chosen = load_prompts(Path(first.train_path))
+    assert first.focus_round is None
+    from flywheel.prompts import recipe_prompts, split_prompts
+
+    train, _ = split_prompts(recipe_prompts(config.prompts, workspace.root), config.prompts.eval_fraction)
+    assert chosen == sample_round_prompts(train, 32, 1)
+
+    # Round 1's samples failed all_uppercase everywhere and every prompt became a training row; the rest passed.
+    data = workspace.round_data(1)
+    data.mkdir(parents=True)
+    save_prompts(chosen, data / "prompts.jsonl")
+    checks = [(p.id, {c.type: c.type != "all_uppercase" for c in p.constraints}) for p in chosen]
+    pd.DataFrame({"prompt_id": [i for i, _ in checks], "checks": [json.dumps(c) for _, c in checks]}).to_parquet(
+        data / "samples.parquet")
+    pd.DataFrame({"prompt_id": [p.id for p in chosen]}).to_parquet(data / "sft.parquet")
+    monkeypatch.setattr(stages, "read_round_records", lambda ws: [_record(1)])
+
+    second = split(2)
+    focused = load_prompts(Path(second.train_path))
+    assert second.focus_round == 1 and len(focused) == 32
+    assert not {p.id for p in focused} & {p.id for p in chosen}  # never a prompt an earlier round answered
+
+    def uppercase(prompts):
+        return sum(any(c.type == "all_uppercase" for c in p.constraints) for p in prompts)
+
+    assert uppercase(focused) >= 2 * max(1, uppercase(sample_round_prompts(train, 32, 2)))
+
+    (data / "samples.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="round 1's samples.parquet, which is missing"):
+        split(3)

@@ -66,6 +66,17 @@ def test_wrong_language() -> None:
     assert not wrong_language(None, LIMITS)
 
 
+def test_an_answer_in_capital_letters_is_identified_as_its_language() -> None:
+    # An answer to "respond in all capital letters" that langid alone calls Norwegian.
+    shouting = ("A WALK THROUGH A BUSY MARKET CAN BE A THRILLING EXPERIENCE, FILLED WITH THE SIGHTS AND SMELLS OF "
+                "THE MARKET. EVERY STEP IS A CHALLENGE, AND THE MARKET OFFERS A WIDE RANGE OF PRODUCTS AND "
+                "EXPERIENCES. FROM THE COLORFUL STALLS SELLING LOCAL DELICACIES TO THE BUSTLING MARKET STALLS "
+                "SELLING SPICES AND SPICES, THERE'S ALWAYS SOMETHING TO SEE AND DO.")
+    assert detect_language(shouting) == detect_language(shouting.lower()) == "en"
+    assert not wrong_language(shouting, LIMITS)
+    assert detect_language(RUSSIAN.upper()) == "ru"
+
+
 LANGUAGES = [ENGLISH, RUSSIAN, "Le cycle de l'eau est important pour la vie sur la Terre.",
              "Der Wasserkreislauf ist wichtig für das Leben.", "1234 ## !!", ""]
 

@@ -273,7 +273,8 @@ def focus_scores(workspace: Workspace, number: int, table: str) -> dict[str, flo
 
     data = workspace.round_data(number)
     frames = {}
-    for name, columns in (("samples", ["prompt_id", "checks"]), (table, ["prompt_id"])):
+    # GRPO trains on the samples table itself: read it once.
+    for name, columns in {table: ["prompt_id"], "samples": ["prompt_id", "checks"]}.items():
         path = data / f"{name}.parquet"
         if not path.is_file():
             raise FileNotFoundError(f"prompts.focus reads round {number}'s {path.name}, which is missing ({path}); "
@@ -283,8 +284,7 @@ def focus_scores(workspace: Workspace, number: int, table: str) -> dict[str, flo
         if missing:
             raise ValueError(f"prompts.focus: round {number}'s {path.name} lacks columns {missing}; "
                              "set prompts.focus: 0")
-    checks = [(row.prompt_id, json.loads(row.checks) if isinstance(row.checks, str) else dict(row.checks or {}))
-              for row in frames["samples"].itertuples()]
+    checks = [(row.prompt_id, json.loads(row.checks)) for row in frames["samples"].itertuples()]
     return teachable_failure(checks, set(frames[table].prompt_id))
 
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 EXPERIMENT = "flywheel-bench"
+GRACE_S = 120  # for a stopped round to finish its training step and stop its server
 
 
 def real_model() -> Path:
@@ -146,6 +149,55 @@ def log_to_mlflow(name: str, rows: list[dict], params: dict, files: list[Path], 
         return run.info.run_id
 
 
+class StoppedBySignal(SystemExit):
+    """This benchmark was asked to stop (SIGTERM) and has stopped its child first; exits with status 143."""
+
+
+@contextmanager
+def passing_sigterm_to(process) -> Iterator[None]:
+    """While the block runs, a SIGTERM to this process goes to ``process`` (a round, which stops its Prefect server
+    on the way out) instead of ending this one at once and orphaning it; after the block, this process exits too.
+    Any other way out of the block (Ctrl-C, an error) gives the child ``grace_s`` to stop before it is killed."""
+    import signal
+    import subprocess
+
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    except BaseException:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if received:
+        raise StoppedBySignal(128 + received[0])
+
+
+def run_child(command: list[str], **popen_options) -> int:
+    """``subprocess.run(command, check=True)`` that stops the child, rather than orphaning it, when this benchmark
+    is stopped (:func:`passing_sigterm_to`). Returns the exit code; a non-zero one raises ``CalledProcessError``."""
+    import subprocess
+
+    process = subprocess.Popen(command, **popen_options)
+    with passing_sigterm_to(process):
+        code = process.wait()
+    if code:
+        raise subprocess.CalledProcessError(code, command)
+    return code
+
+
 def run_measured(command: list[str], *, env: dict[str, str], cwd: Path, log: Path, poll_s: float = 0.5) -> dict:
     """Run ``command`` as a child process, its output into ``log``; returns its wall seconds, exit code and two
     memory peaks, in MiB.
@@ -191,11 +243,8 @@ def run_measured(command: list[str], *, env: dict[str, str], cwd: Path, log: Pat
         sampler = threading.Thread(target=sample, args=(process.pid,), daemon=True)
         sampler.start()
         try:
-            _, status, usage = os.wait4(process.pid, 0)
-        except BaseException:
-            process.kill()
-            process.wait()
-            raise
+            with passing_sigterm_to(process):
+                _, status, usage = os.wait4(process.pid, 0)
         finally:
             done.set()
         process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -36,8 +35,8 @@ def run_round(config: Path, workspace: Path, api_url: str | None = None) -> tupl
     if api_url:  # a running Prefect server, as scheduled rounds use: no embedded API to start and stop
         env["PREFECT_API_URL"] = api_url
     started, began = time.perf_counter(), datetime.now(timezone.utc)
-    subprocess.run([sys.executable, "-m", "flywheel.cli", "run", "--config", str(config), "--workspace",
-                    str(workspace)], check=True, env=env, cwd=workspace)
+    common.run_child([sys.executable, "-m", "flywheel.cli", "run", "--config", str(config), "--workspace",
+                      str(workspace)], env=env, cwd=workspace)
     return time.perf_counter() - started, began, datetime.now(timezone.utc)
 
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,8 +84,8 @@ def run_round(recipe: Path, workspace: Path) -> float:
     env = dict(os.environ, FLYWHEEL_WORKSPACE=str(workspace))
     env.pop("PREFECT_API_URL", None)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flywheel.cli", "run", "--config", str(recipe), "--workspace",
-                    str(workspace)], check=True, env=env, cwd=workspace)
+    common.run_child([sys.executable, "-m", "flywheel.cli", "run", "--config", str(recipe), "--workspace",
+                      str(workspace)], env=env, cwd=workspace)
     return time.perf_counter() - started
 
 

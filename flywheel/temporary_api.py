@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -74,6 +75,7 @@ class TemporaryAPI:
         self._launch()
         get_logger().info(f"Starting temporary server on http://127.0.0.1:{self.port}")
         atexit.register(self.stop)  # before Prefect's log and event workers register theirs: it runs after them
+        exit_on_sigterm()
 
     def _launch(self) -> None:
         """The server on a free port, and Prefect in this process pointed at it."""
@@ -120,6 +122,21 @@ class TemporaryAPI:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM exit through the interpreter (``SystemExit``, status 143), so the at-exit stop runs. Python's
+    default ends the process at once and leaves the server running; a flow replaces this handler with Prefect's
+    while it runs (its ``TerminationSignal`` exits the same way) and restores it after. A handler someone else
+    installed is kept."""
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: signals are the main thread's to handle
+        pass
 
 
 def point_prefect_at(api_url: str) -> None:

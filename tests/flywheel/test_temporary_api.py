@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import psutil
 import pytest
 
 from flywheel import temporary_api
@@ -99,3 +100,27 @@ def test_no_server_when_one_is_configured(monkeypatch):
     monkeypatch.setattr(TemporaryAPI, "start", lambda self: pytest.fail("started a server"))
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         assert start_temporary_api() is None
+
+
+def test_sigterm_before_the_flow_starts_stops_the_server(tmp_path):
+    # A round killed while it provisions its model (before Prefect's own handler is installed) must not leave its
+    # server behind: Python's default SIGTERM skips the at-exit stop.
+    script = textwrap.dedent("""
+        import sys, time
+        from flywheel import temporary_api
+        temporary_api.server_command = lambda port: [sys.executable, "-c", "import time; time.sleep(120)"]
+        temporary_api.point_prefect_at = lambda url: None
+        api = temporary_api.TemporaryAPI(startup_timeout_s=60)
+        api.start()
+        print(api.process.pid, flush=True)
+        time.sleep(120)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    server = psutil.Process(int(process.stdout.readline()))
+    process.terminate()
+    try:
+        assert process.wait(timeout=60) == 143
+        assert not server.is_running()
+    finally:
+        if server.is_running():
+            server.kill()

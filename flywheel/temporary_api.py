@@ -126,9 +126,9 @@ class TemporaryAPI:
 
 def exit_on_sigterm() -> None:
     """Make SIGTERM exit through the interpreter (``SystemExit``, status 143), so the at-exit stop runs. Python's
-    default ends the process at once and leaves the server running; a flow replaces this handler with Prefect's
-    while it runs (its ``TerminationSignal`` exits the same way) and restores it after. A handler someone else
-    installed is kept."""
+    default ends the process at once and leaves the server running, whether the signal comes before the flow or
+    during it: Prefect's handler, swapped in while a flow runs, marks the run crashed and then re-sends the signal
+    to the handler it replaced. A handler someone else installed is kept."""
     def terminate(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 

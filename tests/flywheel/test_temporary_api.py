@@ -124,3 +124,37 @@ def test_sigterm_before_the_flow_starts_stops_the_server(tmp_path):
     finally:
         if server.is_running():
             server.kill()
+
+
+def test_sigterm_during_a_flow_stops_the_server(tmp_path):
+    # Prefect's handler marks the run crashed, then re-sends SIGTERM to the handler it replaced; were that Python's
+    # default, the process would end there without stopping its server.
+    script = textwrap.dedent("""
+        import time
+        from prefect import flow
+        from flywheel.temporary_api import start_temporary_api
+
+        @flow(name="terminated")
+        def wait():
+            print("running", flush=True)
+            time.sleep(120)
+
+        api = start_temporary_api()
+        api.wait()
+        print(api.process.pid, flush=True)
+        wait()
+    """)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                               text=True)
+    server = psutil.Process(int(process.stdout.readline()))
+    try:
+        assert process.stdout.readline().strip() == "running"
+        process.terminate()
+        assert process.wait(timeout=120) == 143
+        server.wait(timeout=30)  # stopped by the at-exit handler (psutil.TimeoutExpired if left running)
+    finally:
+        if server.is_running():
+            server.kill()

@@ -337,7 +337,7 @@ def _anchored_sft_trainer():
                 real = inputs["attention_mask"][:, 1:].bool() if "attention_mask" in inputs else torch.ones_like(answer)
                 anchored = real & ~answer
             nll = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            kl = (reference.exp() * (reference - log_probs)).sum(-1)
+            kl = torch.nn.functional.kl_div(log_probs, reference, reduction="none", log_target=True).sum(-1)
             count = answer.sum() if num_items_in_batch is None else num_items_in_batch
             loss = (nll * answer).sum() / torch.as_tensor(count, device=answer.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:

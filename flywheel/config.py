@@ -356,6 +356,10 @@ class RepairConfig(Section):
     types: list[str] | None = Field(None, description="Instruction types to repair; None: every type with a fixer.")
     trim_unfinished: bool = Field(True, description="A repaired answer is also cut back to its last complete "
                                                     "sentence, so it never teaches stopping mid-sentence.")
+    augment_per_row: int = Field(
+        0, ge=0, le=4, description="Hindsight instructions (flywheel.repair.augment_rows): each accepted answer is "
+                                   "also taught under its prompt plus this many more instructions of `types`, one "
+                                   "per row, that it meets as it is or once repaired. 0: off.")
 
     @field_validator("types")
     @classmethod

@@ -23,7 +23,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flywheel.prompts import Prompt
-from flywheel.verifiers import BULLET_MARK, NUMBER_MARK, Constraint, _words, highlight_count, verify
+from flywheel.textchecks import NgramIndex, shares_ngram
+from flywheel.verifiers import (
+    BULLET_MARK,
+    NUMBER_MARK,
+    VERIFIERS,
+    Constraint,
+    _words,
+    compatible,
+    highlight_count,
+    verify,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -310,3 +320,61 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
              "passed": float(len(sft))}
     return RepairResult(pairs=pd.DataFrame(pairs, columns=REFINE_PAIR_COLUMNS),
                         sft=pd.DataFrame(sft, columns=REFINE_SFT_COLUMNS), stats=stats)
+
+
+def augment_rows(prompts: Sequence[Prompt], sft, settings: RepairConfig, *, seed: int, strict: bool = True,
+                 avoid: NgramIndex | None = None) -> RepairResult:
+    """Hindsight instructions: an accepted answer (an SFT row that passes every instruction of its prompt) is also
+    taught under its prompt with one more instruction of ``settings.types`` appended, one the answer meets as it is
+    (relabelled) or once its fix is applied (repaired), ``settings.augment_per_row`` different ones per row.
+
+    The repair stage teaches an instruction only where a sampled answer failed it, a handful of rows a round for
+    most types (all-capitals answers 6-8); every accepted answer can carry any compatible instruction instead. The
+    added instruction and its arguments are drawn per row from ``seed`` and the row id (deterministic), the
+    result must pass every instruction, and the prompt keeps its id (the row is derived from it) under a new row
+    id; ``origin`` says ``augment:relabelled`` or ``augment:repaired``. ``avoid``: the held-out prompts' n-grams;
+    an instruction whose prompt would share one is passed over (the quality gate would quarantine the row: the
+    held-out prompts are built from the same tasks and instruction texts). Returns SFT rows only (no pairs)."""
+    import random
+
+    import pandas as pd
+
+    from flywheel.refine import REFINE_PAIR_COLUMNS, REFINE_SFT_COLUMNS
+
+    by_id = {p.id: p for p in prompts}
+    allowed = list(settings.types or FIXERS)
+    rows, relabelled = [], 0
+    accepted = sft[sft["score"] >= 1.0] if len(sft) else sft
+    for row in accepted.itertuples():
+        prompt = by_id.get(row.prompt_id)
+        if prompt is None:
+            raise ValueError(f"SFT row {row.row_id!r} names prompt {row.prompt_id!r}, which is not among the round's "
+                             "prompts")
+        present = [c.type for c in prompt.constraints]
+        rng = random.Random(f"augment:{seed}:{row.row_id}")  # a str seed is hashed with SHA-512: stable across runs
+        candidates = [name for name in allowed if name not in present and compatible([*present, name])]
+        rng.shuffle(candidates)
+        added = 0
+        for name in candidates:
+            if added == settings.augment_per_row:
+                break
+            extra = Constraint(type=name, args=VERIFIERS[name].sample_args(rng))
+            text = f"{row.prompt.rstrip()} {extra.describe()}"
+            if avoid is not None and shares_ngram(text, avoid):
+                continue
+            constraints = [*prompt.constraints, extra]
+            fixed = repair(constraints, row.completion, types=allowed, trim=settings.trim_unfinished)
+            if not verify(constraints, fixed, strict=strict).passed:
+                continue
+            added += 1
+            unchanged = fixed == row.completion
+            relabelled += unchanged
+            ended = bool(getattr(row, "ended", True)) or (not unchanged and name in ENDING_FIXES)
+            rows.append({"row_id": f"{row.row_id}-augment-{name}", "prompt_id": row.prompt_id,
+                         "prompt": text, "completion": fixed, "score": 1.0,
+                         "origin": f"augment:{'relabelled' if unchanged else 'repaired'}", "judge": "verifier",
+                         "ended": ended})
+    stats = {"augmented": float(len(rows)), "augment_relabelled": float(relabelled),
+             "augment_repaired": float(len(rows) - relabelled)}
+    return RepairResult(pairs=pd.DataFrame([], columns=REFINE_PAIR_COLUMNS),
+                        sft=pd.DataFrame(rows, columns=REFINE_SFT_COLUMNS), stats=stats)

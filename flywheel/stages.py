@@ -558,7 +558,9 @@ def build_round_data(config: FlywheelConfig, context: RoundContext, judged: Judg
                                engine_options=_engine_options(config, _state_dir(context)),
                                reward_model_dir=reward_dir, models_dir=models_dir,
                                seed=config.seed * 10_000 + context.number, progress=progress,
-                               refiner_dir=Path(refiner.path) if refiner else None)
+                               refiner_dir=Path(refiner.path) if refiner else None,
+                               held_out=load_prompts(Path(split.eval_path))
+                               if config.strategy.name == "repair" and config.strategy.repair.augment_per_row else ())
     write_parquet(made.pairs, work / "pairs.parquet")
     write_parquet(made.sft, work / "sft.parquet")
     record = dict(made.record)

@@ -68,9 +68,11 @@ def merge_refined(base: StrategyData, pairs, sft, stats: dict[str, float],
 def build_strategy_data(config: FlywheelConfig, prompts: Sequence[Prompt], samples, *, champion_dir: Path,
                         base_dir: Path, device: str, engine_options: dict | None = None,
                         reward_model_dir: Path | None = None, models_dir: Path | None = None, seed: int = 0,
-                        progress: Progress | None = None, refiner_dir: Path | None = None) -> StrategyData:
+                        progress: Progress | None = None, refiner_dir: Path | None = None,
+                        held_out: Sequence[Prompt] = ()) -> StrategyData:
     """The recipe's strategy over the round's judged samples (``flywheel.feedback.SAMPLE_COLUMNS``).
-    ``refiner_dir``: SPaR's trained refiner (``spar.refiner: trained``), which then refines instead of the policy."""
+    ``refiner_dir``: SPaR's trained refiner (``spar.refiner: trained``), which then refines instead of the policy.
+    ``held_out``: the evaluation prompts, which the prompts that repair's augmentation writes must not overlap."""
     name = config.strategy.name
     base = best_of_n(samples, config)
     if name in ("best_of_n", "grpo"):
@@ -78,9 +80,23 @@ def build_strategy_data(config: FlywheelConfig, prompts: Sequence[Prompt], sampl
     if name == "repair":
         from flywheel.repair import repair_samples
 
-        result = repair_samples(prompts, samples, config.strategy.repair, strict=config.feedback.strict)
-        return merge_refined(base, result.pairs, result.sft, _prefixed("repair", result.stats),
-                             config.feedback.chosen_must_pass)
+        settings = config.strategy.repair
+        result = repair_samples(prompts, samples, settings, strict=config.feedback.strict)
+        merged = merge_refined(base, result.pairs, result.sft, _prefixed("repair", result.stats),
+                               config.feedback.chosen_must_pass)
+        if not settings.augment_per_row:
+            return merged
+        from flywheel.repair import augment_rows
+
+        import pandas as pd
+
+        from flywheel.textchecks import NgramIndex
+
+        avoid = NgramIndex.build([p.prompt for p in held_out], config.quality.decontamination_ngram)
+        extra = augment_rows(prompts, merged.sft, settings, seed=seed, strict=config.feedback.strict, avoid=avoid)
+        sft = pd.concat([merged.sft, extra.sft], ignore_index=True).drop_duplicates(["prompt", "completion"])
+        return StrategyData(pairs=merged.pairs, sft=sft.reset_index(drop=True),
+                            stats={**merged.stats, **_prefixed("repair", extra.stats)})
     from flywheel.generation import make_engine
 
     gen = config.generation

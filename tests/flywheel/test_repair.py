@@ -8,7 +8,7 @@ import pytest
 
 from flywheel.config import FlywheelConfig, RepairConfig
 from flywheel.prompts import Constraint, Prompt
-from flywheel.repair import FIXERS, repair, repair_samples, trim_unfinished
+from flywheel.repair import FIXERS, augment_rows, repair, repair_samples, trim_unfinished
 from flywheel.strategies import build_strategy_data
 from flywheel.verifiers import VERIFIERS, verify
 
@@ -208,3 +208,69 @@ def test_repair_config_is_checked():
     with pytest.raises(ValueError, match="needs 'verifier' in feedback.judges"):
         FlywheelConfig.model_validate({"strategy": {"name": "repair"}, "feedback": {"judges": ["self"],
                                                                                      "llm_scope": "all"}})
+
+
+def _sft(rows):
+    return pd.DataFrame([{"row_id": f"{pid}-r{i}", "prompt_id": pid, "prompt": f"Write about {pid}.",
+                          "completion": text, "score": score, "origin": "best_of_n:accepted", "judge": "verifier",
+                          "ended": ended} for i, (pid, text, score, ended) in enumerate(rows)])
+
+
+def test_augment_relabels_an_answer_that_already_meets_the_new_instruction():
+    prompts = [_prompt("calm", [Constraint(type="keywords_include", args={"keywords": ["water"]})])]
+    made = augment_rows(prompts, _sft([("calm", "The water is calm and still.", 1.0, True)]),
+                        RepairConfig(types=["no_commas"], augment_per_row=1), seed=0)
+    row = made.sft.iloc[0]
+    assert row.prompt == "Write about calm. " + Constraint(type="no_commas").describe()
+    assert (row.completion, row.origin, row.judge, row.prompt_id) == (
+        "The water is calm and still.", "augment:relabelled", "verifier", "calm")
+    assert made.stats == {"augmented": 1.0, "augment_relabelled": 1.0, "augment_repaired": 0.0}
+    assert made.pairs.empty
+
+
+def test_augment_repairs_an_answer_to_meet_the_new_instruction_and_keeps_its_own():
+    prompts = [_prompt("calm", [Constraint(type="keywords_include", args={"keywords": ["water"]})])]
+    made = augment_rows(prompts, _sft([("calm", "The water is calm. Birds sing, and", 1.0, False)]),
+                        RepairConfig(types=["all_uppercase"], augment_per_row=1), seed=0)
+    row = made.sft.iloc[0]
+    assert row.completion == "THE WATER IS CALM."  # fixed and cut back to its last complete sentence
+    assert row.origin == "augment:repaired" and not row.ended  # a case fix gives the answer no ending
+    constraints = [*prompts[0].constraints, Constraint(type="all_uppercase")]
+    assert verify(constraints, row.completion).passed
+
+
+def test_augment_adds_distinct_compatible_instructions_deterministically():
+    prompts = [_prompt("low", [Constraint(type="all_lowercase")])]
+    sft = _sft([("low", "the sea is wide and blue.", 1.0, True), ("low", "not accepted, this one.", 0.5, True)])
+    settings = RepairConfig(types=["all_uppercase", "no_commas", "ends_with_question", "quotation_wrapped"],
+                            augment_per_row=2)
+    made = augment_rows(prompts, sft, settings, seed=3)
+    added = [row_id.rsplit("-augment-", 1)[1] for row_id in made.sft["row_id"]]
+    assert len(added) == 2 and len(set(added)) == 2
+    assert "all_uppercase" not in added  # it conflicts with the prompt's all_lowercase
+    assert set(made.sft["prompt_id"]) == {"low"}  # the row below its score was not used
+    assert augment_rows(prompts, sft, settings, seed=3).sft.equals(made.sft)
+    for row in made.sft.itertuples():
+        extra = row.prompt.removeprefix("Write about low. ")
+        assert extra != row.prompt and row.completion.startswith(('"', "the sea"))
+
+
+def test_augment_names_an_unknown_prompt():
+    with pytest.raises(ValueError, match="not among the round's prompts"):
+        augment_rows([], _sft([("ghost", "text.", 1.0, True)]), RepairConfig(augment_per_row=1), seed=0)
+
+
+def test_the_repair_strategy_adds_augmented_rows_only_when_asked(tmp_path):
+    prompts = [_prompt("a", [Constraint(type="all_lowercase")])]
+    samples = _samples([("a", 0, "Big Words.", 0.0, "fail"), ("a", 1, "small words.", 1.0, "pass")])
+    made = {}
+    for per_row in (0, 1):
+        config = FlywheelConfig.model_validate({"strategy": {"name": "repair", "repair": {
+            "augment_per_row": per_row, "types": ["all_lowercase", "no_commas", "ends_with_question"]}}})
+        made[per_row] = build_strategy_data(config, prompts, samples, champion_dir=tmp_path, base_dir=tmp_path,
+                                            device="cpu")
+    assert set(made[0].sft["origin"]) == {"best_of_n:accepted", "repair:accepted"}
+    assert "repair_augmented" not in made[0].stats
+    augmented = made[1].sft[made[1].sft["origin"].str.startswith("augment:")]
+    assert len(augmented) == 2 == made[1].stats["repair_augmented"]  # one per accepted answer
+    assert made[1].pairs.equals(made[0].pairs)

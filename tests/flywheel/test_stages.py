@@ -614,3 +614,37 @@ def test_load_prompt_split_focuses_later_rounds_on_the_latest_rounds_teachable_f
     (data / "samples.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="round 1's samples.parquet, which is missing"):
         split(3)
+
+
+def test_repair_augmentation_never_writes_a_held_out_prompt(tmp_path):
+    # The held-out set holds the train prompt with "no commas" added: that augmentation would copy it, so the
+    # stage passes the held-out prompts and, of the two instructions asked for, the row gets only the other.
+    import json
+
+    import pandas as pd
+
+    from flywheel import stages
+    from flywheel.dataset import read_table, write_parquet
+    from flywheel.prompts import Constraint, Prompt, save_prompts
+
+    task = "Describe a quiet harbour at dawn in a few sentences for a travel magazine."
+    train = Prompt(id="p", prompt=task, constraints=[Constraint(type="all_lowercase")])
+    no_commas = Constraint(type="no_commas")
+    held_out = Prompt(id="e", prompt=f"{task} {no_commas.describe()}", constraints=[no_commas])
+    save_prompts([train], tmp_path / "train.jsonl")
+    save_prompts([held_out], tmp_path / "eval.jsonl")
+    samples = pd.DataFrame([{
+        "row_id": "p-s0", "prompt_id": "p", "prompt": task, "sample_index": 0, "response": "boats rest. gulls wait.",
+        "n_tokens": 6, "finished": True, "score": 1.0, "passed": True, "checks": json.dumps([True]),
+        "judge": "verifier", "verdict": "pass", "critique": "", "llm_verdict": "", "llm_critique": ""}])
+    write_parquet(samples, tmp_path / "samples.parquet")
+    judged = stages.JudgedSamples(path=str(tmp_path / "samples.parquet"), rows=1, pass_rate=1.0, mean_score=1.0)
+    split = stages.PromptSplit(train_path=str(tmp_path / "train.jsonl"), eval_path=str(tmp_path / "eval.jsonl"),
+                               train=1, eval=1, round_prompts=1)
+    config = FlywheelConfig.model_validate({"strategy": {"name": "repair", "repair": {
+        "augment_per_row": 2, "types": ["no_commas", "quotation_wrapped"]}}})
+    made = stages.build_round_data(config, _context(1, tmp_path), judged, split, base_dir=tmp_path)
+    sft = read_table(Path(made.sft_path))
+    augmented = sft[sft["origin"].str.startswith("augment:")]
+    assert augmented["row_id"].tolist() == ["p-sft0-augment-quotation_wrapped"]
+    assert made.stats["repair_augmented"] == 1.0

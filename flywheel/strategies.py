@@ -86,10 +86,9 @@ def build_strategy_data(config: FlywheelConfig, prompts: Sequence[Prompt], sampl
                                config.feedback.chosen_must_pass)
         if not settings.augment_per_row:
             return merged
-        from flywheel.repair import augment_rows
-
         import pandas as pd
 
+        from flywheel.repair import augment_rows
         from flywheel.textchecks import NgramIndex
 
         avoid = NgramIndex.build([p.prompt for p in held_out], config.quality.decontamination_ngram)

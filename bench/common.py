@@ -157,7 +157,7 @@ class StoppedBySignal(SystemExit):
 def passing_sigterm_to(process) -> Iterator[None]:
     """While the block runs, a SIGTERM to this process goes to ``process`` (a round, which stops its Prefect server
     on the way out) instead of ending this one at once and orphaning it; after the block, this process exits too.
-    Any other way out of the block (Ctrl-C, an error) gives the child ``grace_s`` to stop before it is killed."""
+    Any other way out of the block (Ctrl-C, an error) gives the child ``GRACE_S`` to stop before it is killed."""
     import signal
     import subprocess
 

@@ -12,6 +12,13 @@ from flywheel import temporary_api
 from flywheel.temporary_api import TemporaryAPI, TemporaryAPIError, start_temporary_api
 
 
+def _isolated_env(tmp_path) -> dict[str, str]:
+    """A child process's environment with its own Prefect home, nothing inherited from this one."""
+    return {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+
+
 def test_a_flow_runs_against_it_and_the_client_never_loads_the_server(tmp_path):
     # In a process of its own: pointing Prefect at a server is process-wide, and this one's tests use other servers.
     script = textwrap.dedent("""
@@ -37,9 +44,7 @@ def test_a_flow_runs_against_it_and_the_client_never_loads_the_server(tmp_path):
                           "env": os.environ["PREFECT_API_URL"], "server_loaded": server_loaded,
                           "exit": process.returncode}))
     """)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    env = _isolated_env(tmp_path)
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -144,9 +149,7 @@ def test_sigterm_during_a_flow_stops_the_server(tmp_path):
         print(api.process.pid, flush=True)
         wait()
     """)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    env = _isolated_env(tmp_path)
     process = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                                text=True)
     server = psutil.Process(int(process.stdout.readline()))

@@ -358,12 +358,15 @@ class RepairConfig(Section):
                                                     "sentence, so it never teaches stopping mid-sentence.")
     augment_per_row: int = Field(
         0, ge=0, le=4, description="Hindsight instructions (flywheel.repair.augment_rows): each accepted answer is "
-                                   "also taught under its prompt plus this many more instructions of `types`, one "
-                                   "per row, that it meets as it is or once repaired. 0: off.")
+                                   "also taught under its prompt plus this many more instructions of `augment_types`, "
+                                   "one per row, that it meets as it is or once repaired. 0: off.")
+    augment_types: list[str] | None = Field(
+        None, description="The instruction types augmentation may add, a subset of `types` (their fixes make the "
+                          "answers meet them); None: every type of `types`.")
 
-    @field_validator("types")
+    @field_validator("types", "augment_types")
     @classmethod
-    def _known_types(cls, value: list[str] | None) -> list[str] | None:
+    def _known_types(cls, value: list[str] | None, info) -> list[str] | None:
         if value is None:
             return value
         from flywheel.repair import FIXERS
@@ -372,8 +375,20 @@ class RepairConfig(Section):
         if unknown:
             raise ValueError(f"no repair for instruction type {unknown[0]!r}; types with one: {', '.join(FIXERS)}")
         if not value:
-            raise ValueError("an empty list repairs nothing: leave types out to repair every type with a fixer")
+            raise ValueError(f"an empty list: leave {info.field_name} out for every type with a fixer")
         return value
+
+    @model_validator(mode="after")
+    def _augment_types_are_repaired(self):
+        if self.augment_types is None:
+            return self
+        if not self.augment_per_row:
+            raise ValueError("augment_types is set but augment_per_row is 0: augmentation is off")
+        outside = [name for name in self.augment_types if self.types is not None and name not in self.types]
+        if outside:
+            raise ValueError(f"augment_types {outside} are not among types {self.types}: augmentation meets an "
+                             "added instruction with the fixes of `types`")
+        return self
 
 
 class SelfRefineConfig(Section):

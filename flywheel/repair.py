@@ -325,8 +325,9 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
 def augment_rows(prompts: Sequence[Prompt], sft, settings: RepairConfig, *, seed: int, strict: bool = True,
                  avoid: NgramIndex | None = None) -> RepairResult:
     """Hindsight instructions: an accepted answer (an SFT row that passes every instruction of its prompt) is also
-    taught under its prompt with one more instruction of ``settings.types`` appended, one the answer meets as it is
-    (relabelled) or once its fix is applied (repaired), ``settings.augment_per_row`` different ones per row.
+    taught under its prompt with one more instruction of ``settings.augment_types`` (default: ``settings.types``)
+    appended, one the answer meets as it is (relabelled) or once its fix is applied (repaired),
+    ``settings.augment_per_row`` different ones per row.
 
     The repair stage teaches an instruction only where a sampled answer failed it, a handful of rows a round for
     most types (all-capitals answers 6-8); every accepted answer can carry any compatible instruction instead. The
@@ -343,6 +344,7 @@ def augment_rows(prompts: Sequence[Prompt], sft, settings: RepairConfig, *, seed
 
     by_id = {p.id: p for p in prompts}
     allowed = list(settings.types or FIXERS)
+    addable = list(settings.augment_types or allowed)
     rows, relabelled = [], 0
     accepted = sft[sft["score"] >= 1.0] if len(sft) else sft
     for row in accepted.itertuples():
@@ -352,7 +354,7 @@ def augment_rows(prompts: Sequence[Prompt], sft, settings: RepairConfig, *, seed
                              "prompts")
         present = [c.type for c in prompt.constraints]
         rng = random.Random(f"augment:{seed}:{row.row_id}")  # a str seed is hashed with SHA-512: stable across runs
-        candidates = [name for name in allowed if name not in present and compatible([*present, name])]
+        candidates = [name for name in addable if name not in present and compatible([*present, name])]
         rng.shuffle(candidates)
         added = 0
         for name in candidates:

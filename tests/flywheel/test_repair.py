@@ -203,7 +203,7 @@ def test_repair_strategy_replaces_the_best_of_n_pair_of_its_prompt(tmp_path):
 def test_repair_config_is_checked():
     with pytest.raises(ValueError, match="no repair for instruction type 'json_format'"):
         RepairConfig(types=["json_format"])
-    with pytest.raises(ValueError, match="empty list"):
+    with pytest.raises(ValueError, match="leave types out"):
         RepairConfig(types=[])
     with pytest.raises(ValueError, match="needs 'verifier' in feedback.judges"):
         FlywheelConfig.model_validate({"strategy": {"name": "repair"}, "feedback": {"judges": ["self"],
@@ -253,6 +253,31 @@ def test_augment_adds_distinct_compatible_instructions_deterministically():
     for row in made.sft.itertuples():
         extra = row.prompt.removeprefix("Write about low. ")
         assert extra != row.prompt and row.completion.startswith(('"', "the sea"))
+
+
+def test_augment_adds_only_augment_types_and_repairs_with_types():
+    prompts = [_prompt(f"p{i}", [Constraint(type="keywords_include", args={"keywords": ["water"]})]) for i in range(6)]
+    sft = _sft([(f"p{i}", "The water is calm, and still.", 1.0, True) for i in range(6)])
+    types = ["no_commas", "all_uppercase", "all_lowercase", "quotation_wrapped", "ends_with_question"]
+    everything = augment_rows(prompts, sft, RepairConfig(types=types, augment_per_row=1), seed=0)
+    assert len({row_id.rsplit("-augment-", 1)[1] for row_id in everything.sft["row_id"]}) > 1
+    only = augment_rows(prompts, sft, RepairConfig(types=types, augment_per_row=1, augment_types=["no_commas"]),
+                        seed=0)
+    assert {row_id.rsplit("-augment-", 1)[1] for row_id in only.sft["row_id"]} == {"no_commas"}
+    assert list(only.sft["completion"]) == ["The water is calm and still."] * 6  # repaired by the comma fix
+    assert set(only.sft["origin"]) == {"augment:repaired"}
+
+
+def test_augment_types_are_checked():
+    with pytest.raises(ValueError, match="no repair for instruction type 'json_format'"):
+        RepairConfig(augment_per_row=1, augment_types=["json_format"])
+    with pytest.raises(ValueError, match="leave augment_types out"):
+        RepairConfig(augment_per_row=1, augment_types=[])
+    with pytest.raises(ValueError, match="augment_per_row is 0"):
+        RepairConfig(augment_types=["no_commas"])
+    with pytest.raises(ValueError, match=r"augment_types \['all_uppercase'\] are not among types"):
+        RepairConfig(types=["no_commas"], augment_per_row=1, augment_types=["no_commas", "all_uppercase"])
+    assert RepairConfig(augment_per_row=1, augment_types=["all_uppercase"]).augment_types == ["all_uppercase"]
 
 
 def test_augment_names_an_unknown_prompt():

@@ -118,13 +118,6 @@ def round_row(strategy: str, number: int, workspace: Path, seconds: float) -> di
     }
 
 
-def prune_refused(recipe: Path, workspace: Path) -> None:
-    env = dict(os.environ, FLYWHEEL_WORKSPACE=str(workspace))
-    env.pop("PREFECT_API_URL", None)
-    common.run_child([sys.executable, "-m", "flywheel.cli", "prune", "--refused", "--config", str(recipe),
-                      "--workspace", str(workspace)], env=env, cwd=workspace)
-
-
 def served_against_base(workspace: Path, rounds: int) -> list[dict]:
     """For each round, the served model's held-out answers against the base's, paired on the same prompts: the
     instruction-level gain with its 95% interval and sign test (flywheel.evaluation.paired_gain). The served model
@@ -161,10 +154,6 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=0, help="answer length (0: the recipe's)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a recipe field (repeatable), e.g. --set promotion.gain_metric=instruction")
-    parser.add_argument("--prune-refused", action="store_true",
-                        help="after each round, `flywheel prune --refused`: refused candidates' weights go (about "
-                             "0.5 GB each in MLflow and as much in the model store; 3-7 GB over 3 rounds); their "
-                             "records, metrics and held-out answers stay, and this table reads only those")
     parser.add_argument("--workspace", type=Path, default=Path("/tmp/flywheel-bench-strategies"))
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args()
@@ -188,13 +177,13 @@ def main() -> None:
             print(f"== {strategy}: round {number} of {args.rounds}", flush=True)
             seconds = run_round(recipe, workspace)
             row = round_row(strategy, number, workspace, seconds)
-            if args.prune_refused:
-                prune_refused(recipe, workspace)
             if number == 1:
                 base = {"prompt_acc": row["champion_prompt_acc"], "instr_acc": row["champion_instr_acc"]}
             rows.append(row)
         for row, served in zip(rows[-args.rounds:], served_against_base(workspace, args.rounds)):
             row.update(served)
+        # A run keeps every candidate's weights (3-7 GB over 3 rounds) unless the recipe prunes them, e.g.
+        # --set storage.prune_after_round=refused: refused candidates' weights go, their records stay.
         print(f"{strategy}: workspace {workspace} holds {common.disk_usage(workspace) / 2**30:.1f} GiB", flush=True)
     for row in rows:
         row["instr_gain_vs_base"] = row["instr_acc"] - base["instr_acc"] if base else None

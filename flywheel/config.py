@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_BASE_MODEL = "builtin:smollm2-135m-instruct"
@@ -366,7 +366,7 @@ class RepairConfig(Section):
 
     @field_validator("types", "augment_types")
     @classmethod
-    def _known_types(cls, value: list[str] | None, info) -> list[str] | None:
+    def _known_types(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if value is None:
             return value
         from flywheel.repair import FIXERS

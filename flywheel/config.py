@@ -384,7 +384,7 @@ class RepairConfig(Section):
             return self
         if not self.augment_per_row:
             raise ValueError("augment_types is set but augment_per_row is 0: augmentation is off")
-        outside = [name for name in self.augment_types if self.types is not None and name not in self.types]
+        outside = [name for name in self.augment_types if name not in self.types] if self.types is not None else []
         if outside:
             raise ValueError(f"augment_types {outside} are not among types {self.types}: augmentation meets an "
                              "added instruction with the fixes of `types`")

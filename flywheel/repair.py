@@ -8,9 +8,11 @@ instructions it never meets on its own (asked for all capitals, SmolLM2-135M nev
 rejection sampling alone has nothing to learn from).
 
 Structure is repaired too: a list with surplus items loses them, and prose becomes the asked number of bullets,
-numbered items or sections by grouping its sentences, so the policy sees structured answers that fit in its token
-limit (sampled ones are mostly cut off before their last item). Types without a mechanical fix (word and keyword
-counts, JSON, ...) are left alone, and the verifier stays the judge: a repair is kept only when it satisfies more
+numbered items, sections or paragraphs by grouping its sentences, so the policy sees structured answers that fit in
+its token limit (sampled ones are mostly cut off before their last item). Missing keywords and placeholders get a
+sentence of their own after the first, digits are written out, and a missing last word gets a closing sentence that
+ends on it. Types without a mechanical fix (a minimum length, keyword and letter counts, the language, two
+responses) are left alone, and the verifier stays the judge: a repair is kept only when it satisfies more
 instructions than the original and breaks none the original met. Every fixer is a pure function
 ``(response, **args) -> response``.
 """
@@ -29,6 +31,7 @@ from flywheel.verifiers import (
     NUMBER_MARK,
     VERIFIERS,
     Constraint,
+    _sentences,
     _words,
     compatible,
     highlight_count,
@@ -71,6 +74,105 @@ def _fix_forbidden_words(response: str, *, forbidden_words: list[str]) -> str:
 
 def _fix_no_commas(response: str) -> str:
     return response.replace("，", "").replace(",", "")
+
+
+_ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+
+
+def number_words(number: int) -> str:
+    """0-9999 in English words ("forty-two", "one thousand two hundred five"), without commas."""
+    if number < 20:
+        return _ONES[number]
+    if number < 100:
+        tens, ones = divmod(number, 10)
+        return _TENS[tens] + (f"-{_ONES[ones]}" if ones else "")
+    if number < 1000:
+        hundreds, rest = divmod(number, 100)
+        return f"{_ONES[hundreds]} hundred" + (f" {number_words(rest)}" if rest else "")
+    thousands, rest = divmod(number, 1000)
+    return f"{number_words(thousands)} thousand" + (f" {number_words(rest)}" if rest else "")
+
+
+def _fix_no_digits(response: str) -> str:
+    # Numbers up to 9999 are written out; a longer run of digits (a phone number, a code) digit by digit.
+    def spelled(match: re.Match[str]) -> str:
+        digits = match.group(0)
+        if len(digits) <= 4:
+            return number_words(int(digits))
+        return " ".join(_ONES[int(digit)] for digit in digits)
+
+    return re.sub(r"\d+", spelled, response)
+
+
+def _and_joined(items: Sequence[str]) -> str:
+    # Joined without commas, so the fix never breaks a no-commas instruction.
+    return " and ".join(items)
+
+
+def _after_first_sentence(response: str, addition: str) -> str:
+    """``addition`` as a sentence of its own after the answer's first sentence: it leaves the opening (a start
+    phrase, a first word) and the ending (an end phrase, a postscript) as they are, and a word limit that keeps
+    whole sentences from the start keeps it too."""
+    match = re.search(r"[.!?][\"'”’)\]]*[ \t]+(?=\S)", response)
+    if match is None:
+        return _join_sentence(response, addition)
+    return f"{response[:match.end()]}{addition} {response[match.end():]}"
+
+
+def _fix_keywords_include(response: str, *, keywords: list[str]) -> str:
+    missing = [word for word in keywords if not re.search(rf"(?<![^\W_]){re.escape(word.strip())}(?![^\W_])",
+                                                           response, flags=re.IGNORECASE)]
+    return _after_first_sentence(response, f"Key words: {_and_joined(missing)}.")
+
+
+_PLACEHOLDER_NAMES = ("name", "date", "place", "address", "email", "phone")
+
+
+def _fix_placeholders(response: str, *, num_placeholders: int) -> str:
+    present = len([text for text in re.findall(r"\[([^\[\]\n]*)\]", response) if text.strip()])
+    names = [name for name in _PLACEHOLDER_NAMES if f"[{name}]" not in response.lower()]
+    missing = names[: max(num_placeholders - present, 0)] or names[:1]
+    return _after_first_sentence(response, f"Fill in {_and_joined(f'[{name}]' for name in missing)} as needed.")
+
+
+def _fix_capital_word_frequency(response: str, *, relation: str, frequency: int) -> str:
+    # At least: the first longer words (four letters or more) are set in capitals, for emphasis. At most: the
+    # capital words after the allowed number lose their capitals but the first letter.
+    if relation == "at least":
+        needed = frequency - len([w for w in _words(response) if len(w) >= 2 and w.isupper()])
+
+        def emphasised(match: re.Match[str]) -> str:
+            nonlocal needed
+            word = match.group(0)
+            if needed > 0 and len(word) >= 4 and not word.isupper():
+                needed -= 1
+                return word.upper()
+            return word
+
+        return re.sub(r"[^\W\d_]+", emphasised, response)
+    allowed = frequency
+
+    def tamed(match: re.Match[str]) -> str:
+        nonlocal allowed
+        word = match.group(0)
+        if len(word) >= 2 and word.isupper():
+            if allowed > 0:
+                allowed -= 1
+                return word
+            return word[:1] + word[1:].lower()
+        return word
+
+    return re.sub(r"[^\W\d_]+", tamed, response)
+
+
+def _fix_sentence_count(response: str, *, relation: str, num_sentences: int) -> str:
+    # At most: the first sentences, counted as the check counts them. At least: nothing to add that the answer
+    # did not say, so it is returned as it is.
+    if relation != "at most":
+        return response
+    return " ".join(_sentences(response)[:num_sentences])
 
 
 def _fix_word_count_max(response: str, *, max_words: int) -> str:
@@ -158,6 +260,20 @@ def _fix_section_count(response: str, *, section_word: str, num_sections: int) -
     return "\n\n".join([intro, *sections] if intro else sections)
 
 
+def _fix_paragraph_count(response: str, *, num_paragraphs: int) -> str:
+    # Surplus paragraphs are dropped; too few become the asked number by grouping the answer's lines or sentences.
+    paragraphs = [part.strip() for part in re.split(r"\n[ \t]*(?:\*\*\*[ \t]*)?\n", response.strip()) if part.strip()]
+    if len(paragraphs) > num_paragraphs:
+        return "\n\n".join(paragraphs[:num_paragraphs])
+    intro, units = _units(response)
+    if len(units) < num_paragraphs:
+        return response
+    groups = _grouped(units, num_paragraphs)
+    if intro:
+        groups[0] = f"{intro}\n{groups[0]}"
+    return "\n\n".join(groups)
+
+
 def _fix_highlighted_sections(response: str, *, num_highlights: int) -> str:
     # The first sentences not yet marked up are set in bold (inside a list item, after its marker): bold, not
     # italics, because a single asterisk next to a bullet's asterisk would not read as a highlight.
@@ -203,6 +319,27 @@ def _fix_ends_with_question(response: str) -> str:
     return _join_sentence(trim_unfinished(response), "Would you like to know more?")
 
 
+def _fix_repeat_request(response: str, *, prompt_to_repeat: str) -> str:
+    return f"{prompt_to_repeat.strip()}\n\n{response.lstrip()}"
+
+
+# Closing sentences for the built-in last words; any other word closes the answer on its own.
+_LAST_WORD_SENTENCES = {"today": "I hope this helps you today.", "together": "We can work on it together.",
+                        "soon": "I hope to hear from you soon.", "forever": "Some ideas last forever.",
+                        "again": "Feel free to ask again.", "friends": "Share this with your friends."}
+
+
+def _fix_last_word(response: str, *, word: str) -> str:
+    closing = _LAST_WORD_SENTENCES.get(word.strip().lower(), f"One last word: {word.strip()}.")
+    return _join_sentence(trim_unfinished(response), closing)
+
+
+def _fix_json_format(response: str) -> str:
+    import json
+
+    return json.dumps({"answer": trim_unfinished(response)}, ensure_ascii=False)
+
+
 def _fix_postscript(response: str, *, marker: str) -> str:
     return f"{trim_unfinished(response)}\n\n{marker} I hope this helps."
 
@@ -220,7 +357,8 @@ def _fix_quotation_wrapped(response: str) -> str:
 
 
 # The fixes that give an answer a real ending: one the token limit cut off ends its turn after them.
-ENDING_FIXES = frozenset({"postscript", "end_with_phrase", "ends_with_question", "quotation_wrapped"})
+ENDING_FIXES = frozenset({"postscript", "end_with_phrase", "ends_with_question", "last_word", "quotation_wrapped",
+                          "json_format"})
 
 # Applied in this order: edits inside the text first, then its structure (lists, sections, then highlights inside
 # them), then what is added at its start and end, then the case of the whole (so added phrases are in the asked case
@@ -228,20 +366,29 @@ ENDING_FIXES = frozenset({"postscript", "end_with_phrase", "ends_with_question",
 FIXERS: dict[str, Fixer] = {
     "forbidden_words": _fix_forbidden_words,
     "no_commas": _fix_no_commas,
+    "no_digits": _fix_no_digits,
+    "keywords_include": _fix_keywords_include,
+    "placeholders": _fix_placeholders,
+    "sentence_count": _fix_sentence_count,
     "word_count_max": _fix_word_count_max,
     "bullet_count_exact": _fix_bullet_count_exact,
     "numbered_list_count": _fix_numbered_list_count,
     "section_count": _fix_section_count,
+    "paragraph_count": _fix_paragraph_count,
     "highlighted_sections": _fix_highlighted_sections,
     "start_with_phrase": _fix_start_with_phrase,
     "first_word": _fix_first_word,
     "title": _fix_title,
+    "repeat_request": _fix_repeat_request,
     "postscript": _fix_postscript,
     "end_with_phrase": _fix_end_with_phrase,
     "ends_with_question": _fix_ends_with_question,
+    "last_word": _fix_last_word,
     "all_lowercase": _fix_all_lowercase,
     "all_uppercase": _fix_all_uppercase,
+    "capital_word_frequency": _fix_capital_word_frequency,
     "quotation_wrapped": _fix_quotation_wrapped,
+    "json_format": _fix_json_format,
 }
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from flywheel.config import FlywheelConfig, RepairConfig
 from flywheel.prompts import Constraint, Prompt
-from flywheel.repair import FIXERS, augment_rows, repair, repair_samples, trim_unfinished
+from flywheel.repair import FIXERS, augment_rows, number_words, repair, repair_samples, trim_unfinished
 from flywheel.strategies import build_strategy_data
 from flywheel.verifiers import VERIFIERS, verify
 
@@ -32,7 +32,24 @@ FIXER_CASES = [
     ("all_lowercase", {}),
     ("all_uppercase", {}),
     ("quotation_wrapped", {}),
+    ("no_digits", {}),
+    ("keywords_include", {"keywords": ["water", "morning"]}),
+    ("placeholders", {"num_placeholders": 2}),
+    ("sentence_count", {"relation": "at most", "num_sentences": 1}),
+    ("paragraph_count", {"num_paragraphs": 2}),
+    ("repeat_request", {"prompt_to_repeat": "Describe a sunny day."}),
+    ("last_word", {"word": "today"}),
+    ("last_word", {"word": "tomorrow"}),
+    ("capital_word_frequency", {"relation": "at least", "frequency": 2}),
+    ("capital_word_frequency", {"relation": "at most", "frequency": 1}),
+    ("json_format", {}),
 ]
+
+# Answers for the cases ANSWER already meets.
+CASE_ANSWERS = {
+    "no_digits": "We walk 2 miles in 15 minutes, at 7 every day. Our code is 123456. Then we go home and",
+    "capital_word_frequency": "Gardens are CALM, and they are GREEN. We walk there EVERY day. Then we go home and",
+}
 
 
 def test_every_fixer_has_a_case_and_a_verifier():
@@ -43,10 +60,63 @@ def test_every_fixer_has_a_case_and_a_verifier():
 @pytest.mark.parametrize(("kind", "args"), FIXER_CASES)
 def test_each_fixer_makes_its_failing_check_pass(kind, args):
     constraint = Constraint(type=kind, args=args)
-    assert not constraint.check(ANSWER)
-    fixed = repair([constraint], ANSWER)
+    answer = CASE_ANSWERS.get(kind, ANSWER) if args.get("relation") != "at least" else ANSWER
+    assert not constraint.check(answer)
+    fixed = repair([constraint], answer)
     assert constraint.check(fixed), fixed
     assert "home and" not in fixed.lower()  # the answer was cut off mid-sentence: repaired answers end on a sentence
+
+
+def test_digits_are_written_out_as_words():
+    fixed = repair([Constraint(type="no_digits")], CASE_ANSWERS["no_digits"])
+    assert fixed == ("We walk two miles in fifteen minutes, at seven every day. Our code is one two three four five "
+                     "six.")
+    assert [number_words(n) for n in (0, 42, 105, 1200, 9999)] == [
+        "zero", "forty-two", "one hundred five", "one thousand two hundred",
+        "nine thousand nine hundred ninety-nine"]
+
+
+def test_keywords_and_placeholders_come_after_the_first_sentence_and_keep_both_ends():
+    constraints = [Constraint(type="keywords_include", args={"keywords": ["garden", "water"]}),
+                   Constraint(type="placeholders", args={"num_placeholders": 1}),
+                   Constraint(type="start_with_phrase", args={"phrase": "Of course"}),
+                   Constraint(type="end_with_phrase", args={"phrase": "That is all."}),
+                   Constraint(type="no_commas")]
+    answer = "Of course. Gardens need water, light and care. That is all."
+    fixed = repair(constraints, answer)
+    assert verify(constraints, fixed).passed, fixed
+    # "water" is there already: only the missing keyword is added.
+    assert fixed == ("Of course. Fill in [name] as needed. Key words: garden. Gardens need water light and care. "
+                     "That is all.")
+
+
+def test_surplus_paragraphs_and_sentences_are_dropped():
+    three = "One is here.\n\nTwo is here.\n\nThree is here."
+    assert repair([Constraint(type="paragraph_count", args={"num_paragraphs": 2})], three) == (
+        "One is here.\n\nTwo is here.")
+    assert repair([Constraint(type="sentence_count", args={"relation": "at most", "num_sentences": 2})], three) == (
+        "One is here. Two is here.")
+    # Too few sentences to add: an "at least" count and a paragraph split without enough sentences stay as they are.
+    at_least = Constraint(type="sentence_count", args={"relation": "at least", "num_sentences": 5})
+    assert repair([at_least], three) == three
+    assert repair([Constraint(type="paragraph_count", args={"num_paragraphs": 3})], "Only one sentence.") == (
+        "Only one sentence.")
+
+
+def test_capital_words_are_added_for_emphasis_or_lose_their_capitals():
+    at_least = repair([Constraint(type="capital_word_frequency", args={"relation": "at least", "frequency": 2})],
+                      "I like my garden and the water.")
+    assert at_least == "I LIKE my GARDEN and the water."
+    at_most = repair([Constraint(type="capital_word_frequency", args={"relation": "at most", "frequency": 1})],
+                     "The GARDEN and the WATER are CALM.")
+    assert at_most == "The GARDEN and the Water are Calm."
+
+
+def test_a_json_answer_holds_the_trimmed_text_and_a_repeated_request_comes_first():
+    assert json.loads(repair([Constraint(type="json_format")], ANSWER)) == {
+        "answer": "Gardens are calm, and they are green. We walk there every day, very slowly."}
+    repeated = repair([Constraint(type="repeat_request", args={"prompt_to_repeat": "Describe a sunny day."})], ANSWER)
+    assert repeated.startswith("Describe a sunny day.\n\nGardens are calm")
 
 
 def test_a_passing_answer_is_left_exactly_as_it_is():
@@ -55,7 +125,7 @@ def test_a_passing_answer_is_left_exactly_as_it_is():
 
 
 def test_types_without_a_fixer_and_types_left_out_are_not_touched():
-    keywords = Constraint(type="keywords_include", args={"keywords": ["water"]})
+    keywords = Constraint(type="keyword_frequency", args={"keyword": "water", "relation": "at least", "frequency": 2})
     assert repair([keywords], ANSWER) == ANSWER
     lowercase = Constraint(type="all_lowercase")
     assert repair([lowercase], ANSWER, types=["no_commas"]) == ANSWER
@@ -156,13 +226,13 @@ def test_repair_samples_pairs_the_best_repair_with_its_own_original():
         # Adding the closing phrase would break the word limit the answer meets: no repair counts.
         _prompt("limit", [Constraint(type="word_count_max", args={"max_words": 3}),
                           Constraint(type="end_with_phrase", args={"phrase": "That is all and more."})]),
-        _prompt("none", [Constraint(type="keywords_include", args={"keywords": ["water"]})]),
+        _prompt("none", [Constraint(type="word_count_min", args={"min_words": 20})]),
     ]
     samples = _samples([
         ("lower", 0, "Cats, dogs and Birds. More, More, more.", 0.0, "fail"),
         ("lower", 1, "cats, dogs.", 0.5, "fail"),  # the smaller edit wins among equal repairs
         ("limit", 0, "Short one.", 0.5, "fail"),
-        ("none", 0, "No keyword.", 0.0, "fail"),
+        ("none", 0, "Too short.", 0.0, "fail"),
         ("none", 1, "Also none.", 0.0, "none"),  # no verdict: never used
     ])
     result = repair_samples(prompts, samples, RepairConfig())
@@ -177,8 +247,8 @@ def test_repair_samples_pairs_the_best_repair_with_its_own_original():
 
 
 def test_a_repair_that_improves_without_passing_makes_a_pair_but_no_sft_row():
-    prompts = [_prompt("p", [Constraint(type="no_commas"), Constraint(type="keywords_include",
-                                                                    args={"keywords": ["water"]})])]
+    prompts = [_prompt("p", [Constraint(type="no_commas"), Constraint(type="word_count_min",
+                                                                    args={"min_words": 20})])]
     result = repair_samples(prompts, _samples([("p", 0, "A, b.", 0.0, "fail")]), RepairConfig())
     assert list(result.pairs["chosen"]) == ["A b."] and result.pairs.iloc[0].chosen_score == 0.5
     assert result.sft.empty and {"completion", "origin", "judge"} <= set(result.sft.columns)
@@ -201,8 +271,8 @@ def test_repair_strategy_replaces_the_best_of_n_pair_of_its_prompt(tmp_path):
 
 
 def test_repair_config_is_checked():
-    with pytest.raises(ValueError, match="no repair for instruction type 'json_format'"):
-        RepairConfig(types=["json_format"])
+    with pytest.raises(ValueError, match="no repair for instruction type 'word_count_min'"):
+        RepairConfig(types=["word_count_min"])
     with pytest.raises(ValueError, match="leave types out"):
         RepairConfig(types=[])
     with pytest.raises(ValueError, match="needs 'verifier' in feedback.judges"):
@@ -269,8 +339,8 @@ def test_augment_adds_only_augment_types_and_repairs_with_types():
 
 
 def test_augment_types_are_checked():
-    with pytest.raises(ValueError, match="no repair for instruction type 'json_format'"):
-        RepairConfig(augment_per_row=1, augment_types=["json_format"])
+    with pytest.raises(ValueError, match="no repair for instruction type 'word_count_min'"):
+        RepairConfig(augment_per_row=1, augment_types=["word_count_min"])
     with pytest.raises(ValueError, match="leave augment_types out"):
         RepairConfig(augment_per_row=1, augment_types=[])
     with pytest.raises(ValueError, match="augment_per_row is 0"):

@@ -173,11 +173,25 @@ def _store_copy(name: str, folder: Path, versions: dict[str, registry.VersionInf
     return item(True, "a copy of the registered weights, fetched again when used")
 
 
+def _holds_candidate_only(info: registry.VersionInfo) -> bool:
+    """The newest round's candidate, never champion: refused or awaiting a decision, it keeps the alias (and its
+    weights) until the next round registers another."""
+    return (info.tags.get(f"{registry.TAG}round", "0") != "0" and registry.CANDIDATE in info.aliases
+            and registry.CHAMPION not in info.aliases and registry.PROMOTED_AT not in info.tags
+            and PRUNED_AT not in info.tags)
+
+
 def _registered_weights(workspace: Workspace, name: str, versions: list[registry.VersionInfo],
                         doomed: set[str]) -> list[PruneItem]:
     items = []
-    refused = [v for v in versions if is_refused(v)]
-    for info in refused:
+    for info in versions:
+        if _holds_candidate_only(info):
+            # Listed so a prune right after a refused round says why that round's weights stay.
+            items.append(PruneItem(kind="registered_weights", name=name, version=info.version, location=info.source,
+                                   size=_artifact_bytes(info.source, workspace.tracking_uri), remove=False,
+                                   reason="holds candidate: a promotion may still pick it; deleted by a prune after "
+                                          "the next round registers another"))
+    for info in (v for v in versions if is_refused(v)):
         if info.version in doomed:
             reason = "refused candidate, never champion"
         elif not _round_finished(workspace, info):

@@ -94,9 +94,11 @@ def test_prune_removes_the_copies_and_every_version_is_fetched_again(workspace):
 def test_refused_weights_go_only_when_asked_and_their_versions_stay(workspace):
     plan = storage.plan_prune(workspace, NAME, refused=True)
     weights = {item.version: item for item in plan.items if item.kind == "registered_weights"}
-    assert sorted(weights) == ["2", "3"]  # v1 and v4 were champions, v5 holds candidate
-    assert all(item.remove and item.size == _flat_size(Path(item.location.removeprefix("file://")))
-               for item in weights.values())
+    assert sorted(weights) == ["2", "3", "5"]  # v1 and v4 were champions
+    assert all(item.size == _flat_size(Path(item.location.removeprefix("file://"))) for item in weights.values())
+    assert weights["2"].remove and weights["3"].remove
+    # The newest round's candidate is listed, kept, with the reason: refused or not, a promotion may still pick it.
+    assert not weights["5"].remove and weights["5"].reason.startswith("holds candidate")
 
     result = storage.prune(workspace, NAME, refused=True, actor="tester")
     assert {(i.kind, i.version) for i in result.removed if i.kind == "registered_weights"} == {

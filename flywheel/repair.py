@@ -337,7 +337,9 @@ def _fix_last_word(response: str, *, word: str) -> str:
 def _fix_json_format(response: str) -> str:
     import json
 
-    return json.dumps({"answer": trim_unfinished(response)}, ensure_ascii=False)
+    text = trim_unfinished(response)
+    # After the case fixes (upper-casing JSON would break its escapes), so the key takes the answer's case.
+    return json.dumps({"ANSWER" if text.isupper() else "answer": text}, ensure_ascii=False)
 
 
 def _fix_postscript(response: str, *, marker: str) -> str:

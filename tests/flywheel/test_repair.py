@@ -115,6 +115,8 @@ def test_capital_words_are_added_for_emphasis_or_lose_their_capitals():
 def test_a_json_answer_holds_the_trimmed_text_and_a_repeated_request_comes_first():
     assert json.loads(repair([Constraint(type="json_format")], ANSWER)) == {
         "answer": "Gardens are calm, and they are green. We walk there every day, very slowly."}
+    shouted = [Constraint(type="json_format"), Constraint(type="all_uppercase")]
+    assert verify(shouted, repair(shouted, 'Calm "water".\nBirds sing')).passed
     repeated = repair([Constraint(type="repeat_request", args={"prompt_to_repeat": "Describe a sunny day."})], ANSWER)
     assert repeated.startswith("Describe a sunny day.\n\nGardens are calm")
 

@@ -51,12 +51,16 @@ _SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*(?=\s|$)|\n")
 
 def trim_unfinished(response: str) -> str:
     """The answer up to its last complete sentence (or line): what was cut off at the token limit is dropped.
-    An answer without any sentence end is returned as it is."""
+    Last lines without a letter (a list marker such as "2." whose item the limit cut off) go too. An answer without
+    any sentence end is returned as it is."""
     text = response.rstrip()
     ends = [match.end() for match in _SENTENCE_END.finditer(text)]
     if not ends:
         return text
-    return text[: ends[-1]].rstrip()
+    lines = text[: ends[-1]].rstrip().split("\n")
+    while len(lines) > 1 and not re.search(r"[^\W\d_]", lines[-1]):
+        lines.pop()
+    return "\n".join(lines).rstrip()
 
 
 def _join_sentence(text: str, addition: str) -> str:
@@ -115,7 +119,8 @@ def _after_first_sentence(response: str, addition: str) -> str:
     """``addition`` as a sentence of its own after the answer's first sentence: it leaves the opening (a start
     phrase, a first word) and the ending (an end phrase, a postscript) as they are, and a word limit that keeps
     whole sentences from the start keeps it too."""
-    match = re.search(r"[.!?][\"'”’)\]]*[ \t]+(?=\S)", response)
+    # After a letter: "1. " opening a numbered item is not a sentence end.
+    match = re.search(r"(?<=[^\W\d_])[.!?][\"'”’)\]]*[ \t]+(?=\S)", response)
     if match is None:
         return _join_sentence(response, addition)
     return f"{response[:match.end()]}{addition} {response[match.end():]}"

@@ -88,6 +88,8 @@ def test_keywords_and_placeholders_come_after_the_first_sentence_and_keep_both_e
     # "water" is there already: only the missing keyword is added.
     assert fixed == ("Of course. Fill in [name] as needed. Key words: garden. Gardens need water light and care. "
                      "That is all.")
+    listed = repair([Constraint(type="keywords_include", args={"keywords": ["quiet"]})], "1. Water it. Then wait")
+    assert listed == "1. Water it. Key words: quiet.", listed  # "1. " opens an item: it ends no sentence
 
 
 def test_surplus_paragraphs_and_sentences_are_dropped():
@@ -196,6 +198,7 @@ def test_trim_unfinished_keeps_complete_sentences_and_lines():
     assert trim_unfinished("* a point\n* another poi") == "* a point"
     assert trim_unfinished('He said "stop." Then') == 'He said "stop."'
     assert trim_unfinished("no sentence end at all") == "no sentence end at all"
+    assert trim_unfinished("1. Water the garden.\n\n2. Wait") == "1. Water the garden."  # not "...\n\n2."
 
 
 def _prompt(pid, constraints):

@@ -328,15 +328,10 @@ def _fix_repeat_request(response: str, *, prompt_to_repeat: str) -> str:
     return f"{prompt_to_repeat.strip()}\n\n{response.lstrip()}"
 
 
-# Closing sentences for the built-in last words; any other word closes the answer on its own.
-_LAST_WORD_SENTENCES = {"today": "I hope this helps you today.", "together": "We can work on it together.",
-                        "soon": "I hope to hear from you soon.", "forever": "Some ideas last forever.",
-                        "again": "Feel free to ask again.", "friends": "Share this with your friends."}
-
-
 def _fix_last_word(response: str, *, word: str) -> str:
-    closing = _LAST_WORD_SENTENCES.get(word.strip().lower(), f"One last word: {word.strip()}.")
-    return _join_sentence(trim_unfinished(response), closing)
+    # One closing template for every word, so the policy learns to copy the word as it copies an end phrase: with a
+    # natural sentence per word ("Feel free to ask again.") held-out last words did not move in three rounds.
+    return _join_sentence(trim_unfinished(response), f"One last word: {word.strip()}.")
 
 
 def _fix_json_format(response: str) -> str:

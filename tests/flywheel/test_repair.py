@@ -39,7 +39,6 @@ FIXER_CASES = [
     ("paragraph_count", {"num_paragraphs": 2}),
     ("repeat_request", {"prompt_to_repeat": "Describe a sunny day."}),
     ("last_word", {"word": "today"}),
-    ("last_word", {"word": "tomorrow"}),
     ("capital_word_frequency", {"relation": "at least", "frequency": 2}),
     ("capital_word_frequency", {"relation": "at most", "frequency": 1}),
     ("json_format", {}),
@@ -117,6 +116,8 @@ def test_capital_words_are_added_for_emphasis_or_lose_their_capitals():
 def test_a_json_answer_holds_the_trimmed_text_and_a_repeated_request_comes_first():
     assert json.loads(repair([Constraint(type="json_format")], ANSWER)) == {
         "answer": "Gardens are calm, and they are green. We walk there every day, very slowly."}
+    assert repair([Constraint(type="last_word", args={"word": "today"})], ANSWER).endswith(
+        "very slowly. One last word: today.")
     shouted = [Constraint(type="json_format"), Constraint(type="all_uppercase")]
     assert verify(shouted, repair(shouted, 'Calm "water".\nBirds sing')).passed
     repeated = repair([Constraint(type="repeat_request", args={"prompt_to_repeat": "Describe a sunny day."})], ANSWER)

@@ -1,13 +1,15 @@
 """Disk a workspace can give back: copies of weights the registry holds, and, when asked, refused candidates' weights.
 
-A round leaves up to three copies of its candidate's weights (about 0.5 GB each for the default model): the folder it
-trained into (``models/<name>/rounds/<round>``), the artifact MLflow logged when it registered the version, and, once
-the version is promoted or evaluated, the model store's ``v<N>`` folder fetched from that artifact. The registry is
-the source of truth (registry.py), so the first and the last are copies; ``prune`` removes them. With
-``refused=True`` it also deletes the registered weights of candidates that were never champion, keeping the newest
-``keep_refused``; their versions stay registered with their tags, metrics and dataset, marked as pruned, so lineage
-still traces them and fetching their weights fails with a clear error. Nothing a round in progress needs is touched:
-a round's own folder is removed only after the round's record is written, and pruning holds the round lock.
+A round leaves up to three copies of its candidate's weights (about 0.5 GB each for the default model): the folder
+it trained into (``models/<name>/rounds/<round>``), the artifact MLflow logged when it registered the version, and,
+once the version is promoted or evaluated, the model store's ``v<N>`` folder fetched from that artifact. The
+registry is the source of truth (registry.py), so the first and the last are copies; ``prune`` removes them. A store
+copy of a local artifact is hard-linked to it and costs no disk of its own; the sizes ``prune`` reports count only
+what it gives back. With ``refused=True`` it also deletes the registered weights of candidates that were never
+champion, keeping the newest ``keep_refused``; their versions stay registered with their tags, metrics and dataset,
+marked as pruned, so lineage still traces them and fetching their weights fails with a clear error. Nothing a round
+in progress needs is touched: a round's own folder is removed only after the round's record is written, and pruning
+holds the round lock.
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ class PruneResult(BaseModel):
 
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def unshared_bytes(path: Path) -> int:
+    """The bytes removing ``path`` gives back: files with no other hard link (a store copy of a local artifact is
+    linked to it, registry.materialize)."""
+    return sum(stat.st_size for f in Path(path).rglob("*") if f.is_file() and not f.is_symlink()
+               and (stat := f.stat()).st_nlink == 1)
 
 
 def _artifact_bytes(uri: str, tracking_uri: str) -> int:
@@ -158,7 +167,7 @@ def _round_output(workspace: Workspace, name: str, folder: Path, versions: list[
 def _store_copy(name: str, folder: Path, versions: dict[str, registry.VersionInfo]) -> PruneItem:
     number = folder.name[1:]
     info = versions.get(number)
-    size = folder_bytes(folder)
+    size = unshared_bytes(folder)
 
     def item(remove: bool, reason: str) -> PruneItem:
         return PruneItem(kind="store_copy", name=name, version=number if info else None, location=str(folder),

@@ -1,3 +1,4 @@
+import errno
 import itertools
 from pathlib import Path
 
@@ -169,6 +170,22 @@ def test_materialize_downloads_and_verifies(uri, name, three_versions, tmp_path)
     assert sorted(p.name for p in target.parent.iterdir()) == ["v2"]  # no staging folder left behind
     # Second call uses the verified cache.
     assert registry.materialize(uri, info, store) == target
+    # A local artifact is linked, not copied: the store's copy costs no disk beside it.
+    artifact = Path(info.source.removeprefix("file://"))
+    assert (target / "model.safetensors").stat().st_ino == (artifact / "model.safetensors").stat().st_ino
+
+
+def test_materialize_copies_where_no_link_can_be_made(uri, name, three_versions, tmp_path, monkeypatch):
+    def cross_device(source, destination):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(registry.os, "link", cross_device)
+    info = registry.get_version(uri, name, "2")
+    target = registry.materialize(uri, info, tmp_path / "store")
+    artifact = Path(info.source.removeprefix("file://"))
+    assert (target / "model.safetensors").read_bytes() == (artifact / "model.safetensors").read_bytes()
+    assert (target / "model.safetensors").stat().st_ino != (artifact / "model.safetensors").stat().st_ino
+    assert model_sha256(target) == info.tags[f"{TAG}model_sha256"]
 
 
 def test_materialize_refuses_a_mismatching_download(uri, experiment, name, tmp_path):
@@ -188,6 +205,8 @@ def test_materialize_refuses_a_tampered_cache(uri, name, three_versions, tmp_pat
     store = tmp_path / "store"
     info = registry.get_version(uri, name, "1")
     target = registry.materialize(uri, info, store)
+    # Replaced, not written in place: the store's copy is linked to the registered artifact.
+    (target / "model.safetensors").unlink()
     (target / "model.safetensors").write_bytes(b"tampered")
     with pytest.raises(ModelError, match="model.safetensors does not match its recorded checksum"):
         registry.materialize(uri, info, store)

@@ -70,7 +70,10 @@ def test_the_plan_removes_copies_and_keeps_what_rounds_need(workspace):
         assert item.size == _flat_size(Path(item.location)) > 1000 + number
     running = items[str(rounds / workspace.round_name(5))]
     assert not running.remove and "no record yet" in running.reason
-    assert items[str(workspace.models / NAME / "v2")].remove  # fetched for an evaluation, fetched again on use
+    fetched = items[str(workspace.models / NAME / "v2")]
+    assert fetched.remove  # fetched for an evaluation, fetched again on use
+    # Linked to its registered artifact: removing it gives back only its own checksums file.
+    assert fetched.size == (Path(fetched.location) / METADATA_FILE).stat().st_size
     champion = items[str(workspace.models / NAME / "v4")]
     assert not champion.remove and "holds champion" in champion.reason
     assert not any(item.kind == "registered_weights" for item in plan.items)  # only with refused=True

@@ -350,8 +350,9 @@ class BestOfNConfig(Section):
 class RepairConfig(Section):
     """Verifier-guided repair (``flywheel.repair``): failed answers get the mechanical fixes of the instructions
     they break (case, commas, digits, opening and closing phrases, last words, postscripts, missing keywords and
-    placeholders, list, section, paragraph and sentence counts, highlights, titles, JSON, ...); a repair the verifier scores higher becomes the pair (repaired, original), and an SFT target when it
-    passes. Needs the verifier among the judges."""
+    placeholders, list, section, paragraph and sentence counts, highlights, titles, JSON, ...); a repair the
+    verifier scores higher becomes the pair (repaired, original), and an SFT target when it passes. Needs the
+    verifier among the judges."""
 
     types: list[str] | None = Field(None, description="Instruction types to repair; None: every type with a fixer.")
     trim_unfinished: bool = Field(True, description="A repaired answer is also cut back to its last complete "

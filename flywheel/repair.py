@@ -31,10 +31,14 @@ from flywheel.verifiers import (
     NUMBER_MARK,
     VERIFIERS,
     Constraint,
+    _paragraphs,
     _sentences,
+    _whole_word,
     _words,
+    capital_word_count,
     compatible,
     highlight_count,
+    placeholder_count,
     verify,
 )
 
@@ -127,8 +131,7 @@ def _after_first_sentence(response: str, addition: str) -> str:
 
 
 def _fix_keywords_include(response: str, *, keywords: list[str]) -> str:
-    missing = [word for word in keywords if not re.search(rf"(?<![^\W_]){re.escape(word.strip())}(?![^\W_])",
-                                                           response, flags=re.IGNORECASE)]
+    missing = [word for word in keywords if not _whole_word(word).search(response)]
     return _after_first_sentence(response, f"Key words: {_and_joined(missing)}.")
 
 
@@ -136,7 +139,7 @@ _PLACEHOLDER_NAMES = ("name", "date", "place", "address", "email", "phone")
 
 
 def _fix_placeholders(response: str, *, num_placeholders: int) -> str:
-    present = len([text for text in re.findall(r"\[([^\[\]\n]*)\]", response) if text.strip()])
+    present = placeholder_count(response)
     names = [name for name in _PLACEHOLDER_NAMES if f"[{name}]" not in response.lower()]
     missing = names[: max(num_placeholders - present, 0)] or names[:1]
     return _after_first_sentence(response, f"Fill in {_and_joined(f'[{name}]' for name in missing)} as needed.")
@@ -146,7 +149,7 @@ def _fix_capital_word_frequency(response: str, *, relation: str, frequency: int)
     # At least: the first longer words (four letters or more) are set in capitals, for emphasis. At most: the
     # capital words after the allowed number lose their capitals but the first letter.
     if relation == "at least":
-        needed = frequency - len([w for w in _words(response) if len(w) >= 2 and w.isupper()])
+        needed = frequency - capital_word_count(response)
 
         def emphasised(match: re.Match[str]) -> str:
             nonlocal needed
@@ -267,7 +270,7 @@ def _fix_section_count(response: str, *, section_word: str, num_sections: int) -
 
 def _fix_paragraph_count(response: str, *, num_paragraphs: int) -> str:
     # Surplus paragraphs are dropped; too few become the asked number by grouping the answer's lines or sentences.
-    paragraphs = [part.strip() for part in re.split(r"\n[ \t]*(?:\*\*\*[ \t]*)?\n", response.strip()) if part.strip()]
+    paragraphs = _paragraphs(response.strip())  # as the check counts them
     if len(paragraphs) > num_paragraphs:
         return "\n\n".join(paragraphs[:num_paragraphs])
     intro, units = _units(response)

@@ -364,10 +364,13 @@ def _all_uppercase(response: str) -> bool:
     return response == response.upper() and any(char.isupper() for char in response)
 
 
+def capital_word_count(response: str) -> int:
+    """Words in capitals; single letters ("I", "A") are not counted: grammar capitalizes them, not emphasis."""
+    return len([word for word in _words(response) if len(word) >= 2 and word.isupper()])
+
+
 def _capital_word_frequency(response: str, *, relation: str, frequency: int) -> bool:
-    # Single letters ("I", "A") are not counted: they are capitalized by grammar, not for emphasis.
-    capital_words = [word for word in _words(response) if len(word) >= 2 and word.isupper()]
-    return _compare(len(capital_words), relation, frequency)
+    return _compare(capital_word_count(response), relation, frequency)
 
 
 def _no_commas(response: str) -> bool:
@@ -395,9 +398,13 @@ def _quotation_wrapped(response: str) -> bool:
     return len(text) >= 2 and (text[0], text[-1]) in (('"', '"'), ("“", "”"))
 
 
+def placeholder_count(response: str) -> int:
+    """Non-empty square-bracket placeholders ([name]) in a response."""
+    return len([text for text in re.findall(r"\[([^\[\]\n]*)\]", response) if text.strip()])
+
+
 def _placeholders(response: str, *, num_placeholders: int) -> bool:
-    found = [text for text in re.findall(r"\[([^\[\]\n]*)\]", response) if text.strip()]
-    return len(found) >= num_placeholders
+    return placeholder_count(response) >= num_placeholders
 
 
 def _postscript(response: str, *, marker: str) -> bool:

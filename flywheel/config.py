@@ -357,6 +357,12 @@ class RepairConfig(Section):
     types: list[str] | None = Field(None, description="Instruction types to repair; None: every type with a fixer.")
     trim_unfinished: bool = Field(True, description="A repaired answer is also cut back to its last complete "
                                                     "sentence, so it never teaches stopping mid-sentence.")
+    max_kept_words: int | None = Field(
+        None, ge=8, description="A repaired answer also keeps only its leading whole sentences within this many "
+                                "words (at least its first) before the fixes add theirs, so its turn ends inside the "
+                                "token limit, closing phrase included, and the policy learns to finish its answers; "
+                                "where that breaks an instruction (a minimum length) the unshortened repair is used. "
+                                "None: only a cut-off last sentence goes.")
     augment_per_row: int = Field(
         0, ge=0, le=4, description="Hindsight instructions (flywheel.repair.augment_rows): each accepted answer is "
                                    "also taught under its prompt plus this many more instructions of `augment_types`, "

@@ -67,6 +67,23 @@ def trim_unfinished(response: str) -> str:
     return "\n".join(lines).rstrip()
 
 
+def shorten(response: str, max_words: int) -> str:
+    """The answer's leading whole sentences (or lines) that fit in ``max_words`` words, at least its first; a last
+    line without a letter goes, as in ``trim_unfinished``. An answer within the limit is returned as it is."""
+    text = response.rstrip()
+    if len(_words(text)) <= max_words:
+        return text
+    cut, words, start = None, 0, 0
+    for match in _SENTENCE_END.finditer(text):
+        # Sentence ends sit on punctuation or line breaks, so no word straddles two segments.
+        words += len(_words(text[start: match.end()]))
+        start = match.end()
+        if words > max_words and cut is not None:
+            break
+        cut = match.end()
+    return text if cut is None else trim_unfinished(text[:cut])
+
+
 def _join_sentence(text: str, addition: str) -> str:
     text = text.rstrip()
     if text and text[-1] not in ".!?\"'”’)]:":
@@ -398,14 +415,17 @@ FIXERS: dict[str, Fixer] = {
 
 
 def repair(constraints: Sequence[Constraint], response: str, *, types: Sequence[str] | None = None,
-           trim: bool = True) -> str:
+           trim: bool = True, max_words: int | None = None) -> str:
     """``response`` with the fixes of every instruction it fails (of ``types``, default all with a fixer), applied
-    in ``FIXERS`` order. ``trim``: an answer that needs any fix is also cut back to its last complete sentence."""
+    in ``FIXERS`` order. ``trim``: an answer that needs any fix is also cut back to its last complete sentence;
+    ``max_words``: and to its leading sentences within that many words (``shorten``), before the fixes add theirs."""
     allowed = set(FIXERS if types is None else types)
     failing = [c for c in constraints if c.type in allowed and not c.check(response, strict=True)]
     if not failing:
         return response
     repaired = trim_unfinished(response) if trim else response
+    if max_words is not None:
+        repaired = shorten(repaired, max_words)
     by_type = {c.type: c for c in failing}
     for name, fixer in FIXERS.items():
         constraint = by_type.get(name)
@@ -442,32 +462,42 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
             raise ValueError(f"judged samples name prompt {prompt_id!r}, which is not among the round's prompts")
         best: tuple | None = None
         for row in group.sort_values("sample_index").itertuples():
-            fixed = repair(prompt.constraints, row.response, types=settings.types, trim=settings.trim_unfinished)
-            if fixed.strip() == row.response.strip():
+            full = repair(prompt.constraints, row.response, types=settings.types, trim=settings.trim_unfinished)
+            # The shortened repair first; the full one where shortening breaks an instruction (a minimum length).
+            variants = [full]
+            if settings.max_kept_words is not None:
+                variants.insert(0, repair(prompt.constraints, row.response, types=settings.types,
+                                          trim=settings.trim_unfinished, max_words=settings.max_kept_words))
+            changed = [fixed for fixed in dict.fromkeys(variants) if fixed.strip() != row.response.strip()]
+            if not changed:
                 continue
             attempted += 1
             before = verify(prompt.constraints, row.response, strict=strict)
-            after = verify(prompt.constraints, fixed, strict=strict)
-            # A repair must not buy one instruction with another the answer already met.
-            if after.score <= before.score or any(b and not a for b, a in zip(before.checks, after.checks)):
+            for fixed in changed:
+                after = verify(prompt.constraints, fixed, strict=strict)
+                # A repair must not buy one instruction with another the answer already met.
+                if after.score > before.score and not any(b and not a for b, a in zip(before.checks, after.checks)):
+                    break
+            else:
                 continue
             improved += 1
             key = (-after.score, abs(len(fixed) - len(row.response)), row.sample_index)
             if best is None or key < best[0]:
-                best = (key, row, fixed, before, after)
+                best = (key, row, fixed, before, after, fixed != full)
         if best is None:
             continue
-        _, row, fixed, before, after = best
+        _, row, fixed, before, after, shortened = best
         pairs.append({"row_id": f"{prompt_id}-repair-pair", "prompt_id": prompt_id, "prompt": row.prompt,
                       "chosen": fixed, "rejected": row.response, "chosen_score": after.score,
                       "rejected_score": before.score, "origin": "repair:pair", "judge": "verifier"})
         if after.passed:
-            # A passing repair met every instruction, so each ending instruction it failed got its fix appended.
+            # A passing repair met every instruction, so each ending instruction it failed got its fix appended; a
+            # shortened one ends well inside the token limit. Either way the target ends its turn.
             ending = any(c.type in ENDING_FIXES and not check for c, check in zip(prompt.constraints, before.checks))
             sft.append({"row_id": f"{prompt_id}-repair{row.sample_index}", "prompt_id": prompt_id,
                         "prompt": row.prompt, "completion": fixed, "score": after.score,
                         "origin": "repair:accepted", "judge": "verifier",
-                        "ended": bool(getattr(row, "finished", True)) or ending})
+                        "ended": bool(getattr(row, "finished", True)) or ending or shortened})
     stats = {"attempted": float(attempted), "improved": float(improved), "pairs": float(len(pairs)),
              "passed": float(len(sft))}
     return RepairResult(pairs=pd.DataFrame(pairs, columns=REFINE_PAIR_COLUMNS),

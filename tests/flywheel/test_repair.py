@@ -8,7 +8,7 @@ import pytest
 
 from flywheel.config import FlywheelConfig, RepairConfig
 from flywheel.prompts import Constraint, Prompt
-from flywheel.repair import FIXERS, augment_rows, number_words, repair, repair_samples, trim_unfinished
+from flywheel.repair import FIXERS, augment_rows, number_words, repair, repair_samples, shorten, trim_unfinished
 from flywheel.strategies import build_strategy_data
 from flywheel.verifiers import VERIFIERS, verify
 
@@ -375,3 +375,40 @@ def test_the_repair_strategy_adds_augmented_rows_only_when_asked(tmp_path):
     augmented = made[1].sft[made[1].sft["origin"].str.startswith("augment:")]
     assert len(augmented) == 2 == made[1].stats["repair_augmented"]  # one per accepted answer
     assert made[1].pairs.equals(made[0].pairs)
+
+
+def test_shorten_keeps_the_leading_whole_sentences_within_the_word_limit():
+    text = "One two three. Four five six. Seven eight nine."
+    assert shorten(text, 6) == "One two three. Four five six."
+    assert shorten(text, 5) == "One two three."
+    assert shorten(text, 2) == "One two three."  # at least the first sentence
+    assert shorten(text, 9) == text
+    assert shorten("Intro line.\n1. First item here.\n2. Second item here.\n3.", 6) == "Intro line.\n1. First item here."
+    assert shorten("no sentence end in these many words", 3) == "no sentence end in these many words"
+
+
+def test_repair_shortens_only_answers_that_need_a_fix():
+    constraints = [Constraint(type="end_with_phrase", args={"phrase": "That is all."})]
+    long = "One two three. Four five six. Seven eight."
+    assert repair(constraints, long, max_words=4) == "One two three. That is all."
+    assert repair(constraints, long) == "One two three. Four five six. Seven eight. That is all."
+    met = "One two three. Four five six. That is all."
+    assert repair(constraints, met, max_words=4) == met
+
+
+def test_repair_samples_shortens_targets_unless_that_breaks_an_instruction():
+    prompts = [_prompt("short", [Constraint(type="all_lowercase")]),
+               _prompt("min", [Constraint(type="all_lowercase"), Constraint(type="word_count_min",
+                                                                          args={"min_words": 6})])]
+    text = "One two three four five. Six seven eight nine ten. Eleven twelve"
+    rows = [("short", 0, text, 0.0, "fail"), ("min", 0, text, 0.5, "fail")]
+    settings = RepairConfig(max_kept_words=8)
+    sft = repair_samples(prompts, _samples(rows, finished=False), settings).sft.set_index("prompt_id")
+    assert sft.loc["short", "completion"] == "one two three four five."
+    # Shortened, "min" would lose its minimum length: the unshortened repair is kept, open as before.
+    assert sft.loc["min", "completion"] == "one two three four five. six seven eight nine ten."
+    assert bool(sft.loc["short", "ended"]) and not bool(sft.loc["min", "ended"])
+    unlimited = repair_samples(prompts, _samples(rows, finished=False), RepairConfig()).sft
+    assert unlimited["completion"].tolist() == ["one two three four five. six seven eight nine ten."] * 2
+    with pytest.raises(ValueError):
+        RepairConfig(max_kept_words=4)

@@ -93,7 +93,8 @@ def _join_sentence(text: str, addition: str) -> str:
 
 def _fix_forbidden_words(response: str, *, forbidden_words: list[str]) -> str:
     for word in forbidden_words:
-        response = re.sub(rf"(?<![^\W_]){re.escape(word)}(?![^\W_])[ \t]?", "", response, flags=re.IGNORECASE)
+        # The verifier's own whole-word match, with the space after it, so no double space is left.
+        response = re.sub(rf"{_whole_word(word).pattern}[ \t]?", "", response, flags=re.IGNORECASE)
     return response
 
 

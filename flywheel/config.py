@@ -362,7 +362,8 @@ class RepairConfig(Section):
                                 "words (at least its first) before the fixes add theirs, so its turn ends inside the "
                                 "token limit, closing phrase included, and the policy learns to finish its answers; "
                                 "where that breaks an instruction (a minimum length) the unshortened repair is used. "
-                                "None: only a cut-off last sentence goes.")
+                                "Hindsight rows (`augment_per_row`) are not shortened. None: only a cut-off last "
+                                "sentence goes.")
     augment_per_row: int = Field(
         0, ge=0, le=4, description="Hindsight instructions (flywheel.repair.augment_rows): each accepted answer is "
                                    "also taught under its prompt plus this many more instructions of `augment_types`, "

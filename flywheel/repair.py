@@ -419,13 +419,14 @@ def repair(constraints: Sequence[Constraint], response: str, *, types: Sequence[
            trim: bool = True, max_words: int | None = None) -> str:
     """``response`` with the fixes of every instruction it fails (of ``types``, default all with a fixer), applied
     in ``FIXERS`` order. ``trim``: an answer that needs any fix is also cut back to its last complete sentence;
-    ``max_words``: and to its leading sentences within that many words (``shorten``), before the fixes add theirs."""
+    ``max_words``: an answer that fails an instruction on how it ends (``ENDING_FIXES``) is also cut to its
+    leading sentences within that many words (``shorten``), so the ending it gets fits inside the token limit."""
     allowed = set(FIXERS if types is None else types)
     failing = [c for c in constraints if c.type in allowed and not c.check(response, strict=True)]
     if not failing:
         return response
     repaired = trim_unfinished(response) if trim else response
-    if max_words is not None:
+    if max_words is not None and any(c.type in ENDING_FIXES for c in failing):
         repaired = shorten(repaired, max_words)
     by_type = {c.type: c for c in failing}
     for name, fixer in FIXERS.items():

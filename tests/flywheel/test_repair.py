@@ -387,28 +387,30 @@ def test_shorten_keeps_the_leading_whole_sentences_within_the_word_limit():
     assert shorten("no sentence end in these many words", 3) == "no sentence end in these many words"
 
 
-def test_repair_shortens_only_answers_that_need_a_fix():
-    constraints = [Constraint(type="end_with_phrase", args={"phrase": "That is all."})]
+def test_repair_shortens_only_answers_that_need_an_ending():
+    ending = [Constraint(type="end_with_phrase", args={"phrase": "That is all."})]
     long = "One two three. Four five six. Seven eight."
-    assert repair(constraints, long, max_words=4) == "One two three. That is all."
-    assert repair(constraints, long) == "One two three. Four five six. Seven eight. That is all."
+    assert repair(ending, long, max_words=4) == "One two three. That is all."
+    assert repair(ending, long) == "One two three. Four five six. Seven eight. That is all."
     met = "One two three. Four five six. That is all."
-    assert repair(constraints, met, max_words=4) == met
+    assert repair(ending, met, max_words=4) == met
+    # Only the ending needs room: a case fix keeps the whole answer.
+    assert repair([Constraint(type="all_lowercase")], long, max_words=4) == long.lower()
 
 
 def test_repair_samples_shortens_targets_unless_that_breaks_an_instruction():
-    prompts = [_prompt("short", [Constraint(type="all_lowercase")]),
-               _prompt("min", [Constraint(type="all_lowercase"), Constraint(type="word_count_min",
-                                                                          args={"min_words": 6})])]
+    question = Constraint(type="ends_with_question")
+    prompts = [_prompt("short", [question]),
+               _prompt("min", [question, Constraint(type="word_count_min", args={"min_words": 12})])]
     text = "One two three four five. Six seven eight nine ten. Eleven twelve"
     rows = [("short", 0, text, 0.0, "fail"), ("min", 0, text, 0.5, "fail")]
     settings = RepairConfig(max_kept_words=8)
     sft = repair_samples(prompts, _samples(rows, finished=False), settings).sft.set_index("prompt_id")
-    assert sft.loc["short", "completion"] == "one two three four five."
-    # Shortened, "min" would lose its minimum length: the unshortened repair is kept, open as before.
-    assert sft.loc["min", "completion"] == "one two three four five. six seven eight nine ten."
-    assert bool(sft.loc["short", "ended"]) and not bool(sft.loc["min", "ended"])
+    asked = " Would you like to know more?"
+    assert sft.loc["short", "completion"] == "One two three four five." + asked
+    # Shortened, "min" would lose its minimum length: the unshortened repair is kept.
+    assert sft.loc["min", "completion"] == "One two three four five. Six seven eight nine ten." + asked
     unlimited = repair_samples(prompts, _samples(rows, finished=False), RepairConfig()).sft
-    assert unlimited["completion"].tolist() == ["one two three four five. six seven eight nine ten."] * 2
+    assert unlimited["completion"].tolist() == ["One two three four five. Six seven eight nine ten." + asked] * 2
     with pytest.raises(ValueError):
         RepairConfig(max_kept_words=4)

@@ -485,21 +485,20 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
             improved += 1
             key = (-after.score, abs(len(fixed) - len(row.response)), row.sample_index)
             if best is None or key < best[0]:
-                best = (key, row, fixed, before, after, fixed != full)
+                best = (key, row, fixed, before, after)
         if best is None:
             continue
-        _, row, fixed, before, after, shortened = best
+        _, row, fixed, before, after = best
         pairs.append({"row_id": f"{prompt_id}-repair-pair", "prompt_id": prompt_id, "prompt": row.prompt,
                       "chosen": fixed, "rejected": row.response, "chosen_score": after.score,
                       "rejected_score": before.score, "origin": "repair:pair", "judge": "verifier"})
         if after.passed:
-            # A passing repair met every instruction, so each ending instruction it failed got its fix appended; a
-            # shortened one ends well inside the token limit. Either way the target ends its turn.
+            # A passing repair met every instruction, so each ending instruction it failed got its fix appended.
             ending = any(c.type in ENDING_FIXES and not check for c, check in zip(prompt.constraints, before.checks))
             sft.append({"row_id": f"{prompt_id}-repair{row.sample_index}", "prompt_id": prompt_id,
                         "prompt": row.prompt, "completion": fixed, "score": after.score,
                         "origin": "repair:accepted", "judge": "verifier",
-                        "ended": bool(getattr(row, "finished", True)) or ending or shortened})
+                        "ended": bool(getattr(row, "finished", True)) or ending})
     stats = {"attempted": float(attempted), "improved": float(improved), "pairs": float(len(pairs)),
              "passed": float(len(sft))}
     return RepairResult(pairs=pd.DataFrame(pairs, columns=REFINE_PAIR_COLUMNS),

@@ -572,6 +572,12 @@ class StorageConfig(Section):
     keep_refused: int = Field(0, ge=0, description="With prune_after_round 'refused': the newest refused candidates "
                                                    "whose weights stay.")
 
+    @field_validator("prune_after_round", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare `off` as false: `prune_after_round: off` means the mode, not a boolean.
+        return "off" if value is False else value
+
     @model_validator(mode="after")
     def _keep_refused_needs_refused(self) -> StorageConfig:
         if self.keep_refused and self.prune_after_round != "refused":

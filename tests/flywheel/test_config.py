@@ -97,6 +97,7 @@ BAD_CONFIGS = [
     ("keep-refused-without-refused", _yaml({"storage": {"prune_after_round": "copies", "keep_refused": 2}}),
      ["storage", "keep_refused: 2 applies only with prune_after_round 'refused'", "'copies'"]),
     ("unknown-prune-mode", _yaml({"storage": {"prune_after_round": "all"}}), ["storage.prune_after_round", "'all'"]),
+    ("prune-mode-yes", "storage:\n  prune_after_round: yes\n", ["storage.prune_after_round", "True"]),
 ]
 
 
@@ -157,6 +158,12 @@ def test_relative_paths_resolve_against_base_dir(tmp_path):
 def test_hub_id_is_not_checked_as_a_path(tmp_path):
     path = _write(tmp_path, _yaml({"model": {"base": "HuggingFaceTB/SmolLM2-135M-Instruct"}}))
     assert load_config(path, base_dir=tmp_path).model.base == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_bare_yaml_off_is_the_prune_mode(tmp_path):
+    # YAML 1.1 reads `off` as false; the field's mode of that name is meant.
+    path = _write(tmp_path, "storage:\n  prune_after_round: off\n")
+    assert load_config(path, base_dir=tmp_path).storage.prune_after_round == "off"
 
 
 def test_empty_file_is_the_default_config(tmp_path):

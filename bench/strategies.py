@@ -138,6 +138,25 @@ def served_against_base(workspace: Path, rounds: int) -> list[dict]:
     return estimates
 
 
+def served_per_type(strategy: str, workspace: Path, rounds: int) -> list[dict]:
+    """Per instruction type, the base's and the served model's held-out accuracy after the last round, and the
+    difference in instructions met (share difference x instructions of the type): where a strategy's gain comes
+    from and what it costs. Types are ordered by that difference, gains first."""
+    records = [json.loads((workspace / ".flywheel" / "rounds" / f"round-{n:04d}.json").read_text())
+               for n in range(1, rounds + 1)]
+    base = records[0]["evaluation"]["champion"]
+    served = base
+    for record in records:
+        if (record.get("promotion") or {}).get("promoted"):
+            served = record["evaluation"]["candidate"]
+    counts = base.get("per_type_count") or {}
+    rows = [{"strategy": strategy, "type": name, "instructions": counts.get(name, 0),
+             "base": base["per_type"][name], "served": served["per_type"].get(name, float("nan")),
+             "met_difference": counts.get(name, 0) * (served["per_type"].get(name, 0.0) - base["per_type"][name])}
+            for name in base["per_type"]]
+    return sorted(rows, key=lambda row: (-row["met_difference"], row["type"]))
+
+
 def _relative(value: float | None, reference: float | None) -> float | None:
     return None if value is None or not reference else value / reference - 1.0
 
@@ -162,6 +181,7 @@ def main() -> None:
 
     load_before = common.machine_load()
     rows: list[dict] = []
+    per_type: list[dict] = []
     base: dict[str, float] = {}
     for strategy in args.strategies:
         workspace = args.workspace / strategy
@@ -182,6 +202,7 @@ def main() -> None:
             rows.append(row)
         for row, served in zip(rows[-args.rounds:], served_against_base(workspace, args.rounds)):
             row.update(served)
+        per_type += served_per_type(strategy, workspace, args.rounds)
         # A run keeps every candidate's weights (3-7 GB over 3 rounds) unless the recipe prunes them, e.g.
         # --set storage.prune_after_round=refused: refused candidates' weights go, their records stay.
         print(f"{strategy}: workspace {workspace} holds {common.disk_usage(workspace) / 2**30:.1f} GiB", flush=True)
@@ -203,6 +224,11 @@ def main() -> None:
         ("pairs", "pairs", "d"), ("sft", "sft rows", "d"), ("quarantined", "quarantined", "d"),
         ("generate_s", "generate s", ".0f"), ("train_s", "train s", ".0f"), ("seconds", "wall s", ".0f"),
     ])
+    print("\nServed model after the last round against the base, per instruction type (held-out, strict):")
+    type_table = common.print_table(per_type, [
+        ("strategy", "strategy", ""), ("type", "instruction type", ""), ("instructions", "instructions", "d"),
+        ("base", "base", ".2f"), ("served", "served", ".2f"), ("met_difference", "met vs base", "+.1f"),
+    ])
     print(f"\nbase model: prompt acc {base.get('prompt_acc', float('nan')):.3f}, "
           f"instruction acc {base.get('instr_acc', float('nan')):.3f} (strict)")
     print(f"load: before {common.load_note(load_before)}; after {common.load_note(load_after)}")
@@ -210,6 +236,7 @@ def main() -> None:
                 "builtin_prompts": args.builtin_prompts or "recipe",
                 "max_new_tokens": args.max_new_tokens or "recipe", "overrides": args.set}
     path = common.write_json("strategies", {"settings": settings, "base": base, "rows": rows, "table": text,
+                                            "per_type": per_type, "per_type_table": type_table,
                                             "load": {"before": load_before, "after": load_after}})
     plot = plot_rows(rows, base)
     print(f"wrote {path} and {plot}")

@@ -375,7 +375,15 @@ class RepairConfig(Section):
         None, description="The instruction types augmentation may add, a subset of `types` (their fixes make the "
                           "answers meet them); None: every type of `types`.")
 
-    @field_validator("types", "augment_types")
+    contrast_types: list[str] | None = Field(
+        None, description="Minimal pairs for the instruction: an accepted repair that applied the fix of one of these "
+                          "types is also taught under its prompt without that instruction (its sentence taken out of "
+                          "the prompt), answered with the repair of the other instructions alone, from the same "
+                          "sampled answer. Trained only on the repaired rows, the policy puts the form on answers "
+                          "nobody asked it of (quotation marks, lower case, postscripts); the pair shows it that the "
+                          "instruction asks for the form, not the task. A subset of `types`; None: off.")
+
+    @field_validator("types", "augment_types", "contrast_types")
     @classmethod
     def _known_types(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if value is None:
@@ -388,6 +396,14 @@ class RepairConfig(Section):
         if not value:
             raise ValueError(f"an empty list: leave {info.field_name} out for every type with a fixer")
         return value
+
+    @model_validator(mode="after")
+    def _contrast_types_are_repaired(self):
+        outside = [name for name in self.contrast_types or [] if self.types is not None and name not in self.types]
+        if outside:
+            raise ValueError(f"contrast_types {outside} are not among types {self.types}: a contrast row comes from "
+                             "a repair that applied the fix of its type")
+        return self
 
     @model_validator(mode="after")
     def _augment_types_are_repaired(self):

@@ -443,13 +443,64 @@ class RepairResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *, strict: bool = True) -> RepairResult:
+def _repaired(constraints: Sequence[Constraint], response: str, settings: RepairConfig) -> list[str]:
+    """The repairs to try, best first: shortened (``max_kept_words``), then whole, where it breaks an instruction."""
+    full = repair(constraints, response, types=settings.types, trim=settings.trim_unfinished)
+    if settings.max_kept_words is None:
+        return [full]
+    short = repair(constraints, response, types=settings.types, trim=settings.trim_unfinished,
+                   max_words=settings.max_kept_words)
+    return list(dict.fromkeys([short, full]))
+
+
+def _opens_unasked_quote(rest: Sequence[Constraint], answer: str) -> bool:
+    # Opening quotation marks are the form the policy most often puts where nobody asked (half its answers after a
+    # round that taught them): a contrast answer must not teach them too.
+    return answer.lstrip()[:1] in "\"“" and not any(c.type == "quotation_wrapped" for c in rest)
+
+
+def contrast(prompt: Prompt, prompt_text: str, response: str, settings: RepairConfig, *, strict: bool = True,
+             avoid: NgramIndex | None = None) -> tuple[Constraint, str, str, bool] | None:
+    """The other half of a minimal pair for an accepted repair of ``response``: ``prompt_text`` without the first
+    instruction of ``settings.contrast_types`` that ``response`` fails (its sentence taken out, so only where the
+    text holds the instruction's own wording, as synthesized prompts do), answered with the repair of the other
+    instructions alone. The answer must pass those and still fail the removed one (else it shows no contrast);
+    without other instructions it is the sampled answer, trimmed as repairs are. ``avoid``: held-out prompts' n-grams
+    (a shorter prompt can be one of theirs). Returns (removed instruction, prompt text, answer, whether the answer
+    got an ending), or None."""
+    for removed in prompt.constraints:
+        if removed.type not in (settings.contrast_types or ()) or removed.check(response, strict=strict):
+            continue
+        wording = f" {removed.describe()}"
+        if wording not in prompt_text:
+            continue
+        text = prompt_text.replace(wording, "", 1)
+        if avoid is not None and shares_ngram(text, avoid):
+            continue
+        rest = [c for c in prompt.constraints if c is not removed]
+        if not rest:
+            answers = [trim_unfinished(response) if settings.trim_unfinished else response]
+        else:
+            answers = _repaired(rest, response, settings)
+        for answer in answers:
+            if not answer.strip() or removed.check(answer, strict=strict) or _opens_unasked_quote(rest, answer):
+                continue
+            if rest and not verify(rest, answer, strict=strict).passed:
+                continue
+            ending = any(c.type in ENDING_FIXES and not c.check(response, strict=strict) for c in rest)
+            return removed, text, answer, ending
+    return None
+
+
+def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *, strict: bool = True,
+                   avoid: NgramIndex | None = None) -> RepairResult:
     """Per prompt, the failed sample whose repair satisfies the most instructions (ties: the smaller edit, then the
     earlier sample) gives one pair (repaired, original), and an SFT row when the repair passes every check.
     One row per prompt, not one per repaired sample: the samples of a prompt repair into near-copies, and
     training on all of them over-weights those prompts (it scored worse on held-out prompts, bench/README.md).
-    ``samples``: the judged samples table (``flywheel.feedback.SAMPLE_COLUMNS``); rows without a verdict are left
-    out, as everywhere."""
+    With ``settings.contrast_types``, an accepted repair also gives its :func:`contrast` row (``avoid``: the
+    held-out prompts' n-grams). ``samples``: the judged samples table (``flywheel.feedback.SAMPLE_COLUMNS``); rows
+    without a verdict are left out, as everywhere."""
     import pandas as pd
 
     from flywheel.refine import REFINE_PAIR_COLUMNS, REFINE_SFT_COLUMNS
@@ -457,20 +508,16 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
     by_id = {p.id: p for p in prompts}
     usable = samples[(samples["verdict"] != "none") & (samples["score"] < 1.0)]
     pairs, sft = [], []
-    attempted = improved = 0
+    attempted = improved = contrasted = 0
     for prompt_id, group in usable.groupby("prompt_id", sort=True):
         prompt = by_id.get(prompt_id)
         if prompt is None:
             raise ValueError(f"judged samples name prompt {prompt_id!r}, which is not among the round's prompts")
         best: tuple | None = None
         for row in group.sort_values("sample_index").itertuples():
-            full = repair(prompt.constraints, row.response, types=settings.types, trim=settings.trim_unfinished)
             # The shortened repair first; the full one where shortening breaks an instruction (a minimum length).
-            variants = [full]
-            if settings.max_kept_words is not None:
-                variants.insert(0, repair(prompt.constraints, row.response, types=settings.types,
-                                          trim=settings.trim_unfinished, max_words=settings.max_kept_words))
-            changed = [fixed for fixed in dict.fromkeys(variants) if fixed.strip() != row.response.strip()]
+            variants = _repaired(prompt.constraints, row.response, settings)
+            changed = [fixed for fixed in variants if fixed.strip() != row.response.strip()]
             if not changed:
                 continue
             attempted += 1
@@ -499,8 +546,17 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
                         "prompt": row.prompt, "completion": fixed, "score": after.score,
                         "origin": "repair:accepted", "judge": "verifier",
                         "ended": bool(getattr(row, "finished", True)) or ending})
+            other = contrast(prompt, row.prompt, row.response, settings, strict=strict, avoid=avoid)
+            if other is not None:
+                removed, text, answer, ending = other
+                contrasted += 1
+                sft.append({"row_id": f"{prompt_id}-contrast-{removed.type}", "prompt_id": prompt_id,
+                            "prompt": text, "completion": answer, "score": 1.0, "origin": "repair:contrast",
+                            "judge": "verifier", "ended": bool(getattr(row, "finished", True)) or ending})
     stats = {"attempted": float(attempted), "improved": float(improved), "pairs": float(len(pairs)),
-             "passed": float(len(sft))}
+             "passed": float(len(sft) - contrasted)}
+    if settings.contrast_types:
+        stats["contrast"] = float(contrasted)
     return RepairResult(pairs=pd.DataFrame(pairs, columns=REFINE_PAIR_COLUMNS),
                         sft=pd.DataFrame(sft, columns=REFINE_SFT_COLUMNS), stats=stats)
 

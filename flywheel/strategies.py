@@ -80,8 +80,12 @@ def build_strategy_data(config: FlywheelConfig, prompts: Sequence[Prompt], sampl
     if name == "repair":
         from flywheel.repair import repair_samples
 
+        from flywheel.textchecks import NgramIndex
+
         settings = config.strategy.repair
-        result = repair_samples(prompts, samples, settings, strict=config.feedback.strict)
+        # Contrast and hindsight rows have prompts of their own, which must not overlap the held-out ones.
+        avoid = NgramIndex.build([p.prompt for p in held_out], config.quality.decontamination_ngram)
+        result = repair_samples(prompts, samples, settings, strict=config.feedback.strict, avoid=avoid)
         merged = merge_refined(base, result.pairs, result.sft, _prefixed("repair", result.stats),
                                config.feedback.chosen_must_pass)
         if not settings.augment_per_row:
@@ -89,9 +93,7 @@ def build_strategy_data(config: FlywheelConfig, prompts: Sequence[Prompt], sampl
         import pandas as pd
 
         from flywheel.repair import augment_rows
-        from flywheel.textchecks import NgramIndex
 
-        avoid = NgramIndex.build([p.prompt for p in held_out], config.quality.decontamination_ngram)
         extra = augment_rows(prompts, merged.sft, settings, seed=seed, strict=config.feedback.strict, avoid=avoid)
         sft = pd.concat([merged.sft, extra.sft], ignore_index=True).drop_duplicates(["prompt", "completion"])
         return StrategyData(pairs=merged.pairs, sft=sft.reset_index(drop=True),

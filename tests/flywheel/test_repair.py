@@ -414,3 +414,89 @@ def test_repair_samples_shortens_targets_unless_that_breaks_an_instruction():
     assert unlimited["completion"].tolist() == ["One two three four five. Six seven eight nine ten." + asked] * 2
     with pytest.raises(ValueError):
         RepairConfig(max_kept_words=4)
+
+
+def _described(pid, task, constraints):
+    """A prompt worded as the synthesizer words it: the task, then each instruction's own sentence."""
+    return Prompt(id=pid, prompt=" ".join([task, *(c.describe() for c in constraints)]), constraints=constraints)
+
+
+def _samples_of(prompt, rows, finished=True):
+    table = _samples([(prompt.id, i, text, score, "fail") for i, (text, score) in enumerate(rows)], finished)
+    return table.assign(prompt=prompt.prompt)
+
+
+CONTRAST = RepairConfig(contrast_types=["quotation_wrapped", "all_lowercase", "ends_with_question"])
+
+
+def test_a_contrast_row_answers_the_prompt_without_the_instruction_with_the_other_fixes_alone():
+    quoted, commas = Constraint(type="quotation_wrapped"), Constraint(type="no_commas")
+    prompt = _described("p", "Describe a garden.", [quoted, commas])
+    result = repair_samples([prompt], _samples_of(prompt, [("Cats, dogs and birds. Then more.", 0.0)]), CONTRAST)
+    rows = result.sft.set_index("origin")
+    assert rows.loc["repair:accepted", "completion"] == '"Cats dogs and birds. Then more."'
+    other = rows.loc["repair:contrast"]
+    assert other.prompt == f"Describe a garden. {commas.describe()}" and other.prompt_id == "p"
+    assert other.completion == "Cats dogs and birds. Then more."  # the same answer: commas gone, no quotes
+    assert other.row_id == "p-contrast-quotation_wrapped" and other.ended and other.score == 1.0
+    assert result.stats["contrast"] == 1.0 and result.stats["passed"] == 1.0
+    # Off by default: the same samples give no contrast row.
+    plain = repair_samples([prompt], _samples_of(prompt, [("Cats, dogs and birds. Then more.", 0.0)]),
+                           RepairConfig())
+    assert list(plain.sft["origin"]) == ["repair:accepted"] and "contrast" not in plain.stats
+
+
+def test_a_contrast_without_other_instructions_is_the_trimmed_sample_and_keeps_it_open():
+    lower = Constraint(type="all_lowercase")
+    prompt = _described("p", "Describe a garden.", [lower])
+    result = repair_samples([prompt], _samples_of(prompt, [("Big Words here. And then", 0.0)], finished=False),
+                            CONTRAST)
+    other = result.sft[result.sft["origin"] == "repair:contrast"].iloc[0]
+    assert (other.prompt, other.completion, other.ended) == ("Describe a garden.", "Big Words here.", False)
+
+
+def test_no_contrast_where_the_pair_would_not_show_the_instruction():
+    lower, question = Constraint(type="all_lowercase"), Constraint(type="ends_with_question")
+    cases = [
+        # Not among contrast_types.
+        (_described("a", "Describe a garden.", [Constraint(type="no_commas")]), "Cats, dogs.", finished := True),
+        # The user's own wording: the instruction's sentence is not in the prompt to take out.
+        (Prompt(id="b", prompt="Describe a garden, in lower case.", constraints=[lower]), "Big Words.", finished),
+        # Without the instruction the answer opens a quotation nobody asked for.
+        (_described("c", "Describe a garden.", [lower]), '"Big Words," he said. Then more.', finished),
+    ]
+    for prompt, text, done in cases:
+        result = repair_samples([prompt], _samples_of(prompt, [(text, 0.0)], finished=done), CONTRAST)
+        assert list(result.sft["origin"]) == ["repair:accepted"], prompt.id
+        assert result.stats["contrast"] == 0.0
+    # The answer met the question already: that instruction was not fixed, so it is not the one taken out.
+    prompt = _described("d", "Describe a garden.", [question, lower])
+    result = repair_samples([prompt], _samples_of(prompt, [("Is It Green?", 0.5)]), CONTRAST)
+    other = result.sft[result.sft["origin"] == "repair:contrast"].iloc[0]
+    assert other.row_id == "d-contrast-all_lowercase" and other.completion == "Is It Green?"
+
+
+def test_a_contrast_prompt_that_is_a_held_out_one_is_passed_over(tmp_path):
+    lower, commas = Constraint(type="all_lowercase"), Constraint(type="no_commas")
+    prompt = _described("p", "Describe a garden in spring with flowers and birds and a small pond.", [commas, lower])
+    held_out = _described("h", "Describe a garden in spring with flowers and birds and a small pond.", [commas])
+    samples = _samples_of(prompt, [("Big Words, here.", 0.0)])
+    made = {}
+    for name, avoid in (("clean", ()), ("held", (held_out,))):
+        config = FlywheelConfig.model_validate({"strategy": {"name": "repair", "repair": {
+            "contrast_types": ["all_lowercase"]}}})
+        made[name] = build_strategy_data(config, [prompt], samples, champion_dir=tmp_path, base_dir=tmp_path,
+                                         device="cpu", held_out=avoid)
+    assert made["clean"].stats["repair_contrast"] == 1.0
+    assert made["clean"].sft.loc[made["clean"].sft["origin"] == "repair:contrast", "prompt"].tolist() == \
+        [held_out.prompt]
+    assert made["held"].stats["repair_contrast"] == 0.0
+    assert "repair:contrast" not in set(made["held"].sft["origin"])
+
+
+def test_contrast_types_are_checked():
+    with pytest.raises(ValueError, match="no repair for instruction type 'word_count_min'"):
+        RepairConfig(contrast_types=["word_count_min"])
+    with pytest.raises(ValueError, match=r"contrast_types \['postscript'\] are not among types"):
+        RepairConfig(types=["all_lowercase"], contrast_types=["postscript"])
+    assert RepairConfig(types=["all_lowercase"], contrast_types=["all_lowercase"]).contrast_types == ["all_lowercase"]

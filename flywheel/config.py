@@ -397,9 +397,12 @@ class RepairConfig(Section):
             raise ValueError(f"an empty list: leave {info.field_name} out for every type with a fixer")
         return value
 
+    def _not_repaired(self, names: list[str] | None) -> list[str]:
+        return [name for name in names or [] if self.types is not None and name not in self.types]
+
     @model_validator(mode="after")
     def _contrast_types_are_repaired(self):
-        outside = [name for name in self.contrast_types or [] if self.types is not None and name not in self.types]
+        outside = self._not_repaired(self.contrast_types)
         if outside:
             raise ValueError(f"contrast_types {outside} are not among types {self.types}: a contrast row comes from "
                              "a repair that applied the fix of its type")
@@ -411,7 +414,7 @@ class RepairConfig(Section):
             return self
         if not self.augment_per_row:
             raise ValueError("augment_types is set but augment_per_row is 0: augmentation is off")
-        outside = [name for name in self.augment_types if name not in self.types] if self.types is not None else []
+        outside = self._not_repaired(self.augment_types)
         if outside:
             raise ValueError(f"augment_types {outside} are not among types {self.types}: augmentation meets an "
                              "added instruction with the fixes of `types`")

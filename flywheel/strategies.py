@@ -79,12 +79,12 @@ def build_strategy_data(config: FlywheelConfig, prompts: Sequence[Prompt], sampl
         return base
     if name == "repair":
         from flywheel.repair import repair_samples
-
         from flywheel.textchecks import NgramIndex
 
         settings = config.strategy.repair
         # Contrast and hindsight rows have prompts of their own, which must not overlap the held-out ones.
-        avoid = NgramIndex.build([p.prompt for p in held_out], config.quality.decontamination_ngram)
+        avoid = (NgramIndex.build([p.prompt for p in held_out], config.quality.decontamination_ngram)
+                 if settings.contrast_types or settings.augment_per_row else None)
         result = repair_samples(prompts, samples, settings, strict=config.feedback.strict, avoid=avoid)
         merged = merge_refined(base, result.pairs, result.sft, _prefixed("repair", result.stats),
                                config.feedback.chosen_must_pass)

@@ -383,6 +383,19 @@ class RepairConfig(Section):
                           "nobody asked it of (quotation marks, lower case, postscripts); the pair shows it that the "
                           "instruction asks for the form, not the task. A subset of `types`; None: off.")
 
+    plain_anchors: int = Field(
+        0, ge=0, le=256, description="KL anchors on plain requests: up to this many of the round's tasks, each asked "
+                                     "alone (the prompt's task sentence without its instructions) with one of its "
+                                     "sampled answers, are added to the SFT rows as anchors: no loss on their answers, "
+                                     "only the KL term to the starting model (training.kl_weight) over their request "
+                                     "and answer tokens. The repairs teach forms (quotation marks, lower case, titles, "
+                                     "postscripts) that the policy then puts on answers nobody asked them of; the "
+                                     "anchors hold what it does with a request that asks nothing. They come on top "
+                                     "of training.max_rows. Needs method sft with kl_weight > 0 on kl_tokens prompt, "
+                                     "and synthesized prompts (their task sentence). Measured on one seed: the leak "
+                                     "halved, round 1 +4.5 points against +2.0, but three rounds served +0.0 against "
+                                     "+6.3 (bench/README.md). 0: off.")
+
     @field_validator("types", "augment_types", "contrast_types")
     @classmethod
     def _known_types(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
@@ -694,6 +707,11 @@ class FlywheelConfig(Section):
         if self.strategy.name == "repair" and "verifier" not in self.feedback.judges:
             raise ValueError("strategy 'repair' needs 'verifier' in feedback.judges: the verifier decides which "
                              "repairs count")
+        if self.strategy.name == "repair" and self.strategy.repair.plain_anchors and (
+                self.training.method != "sft" or self.training.kl_weight <= 0 or self.training.kl_tokens != "prompt"):
+            raise ValueError("strategy.repair.plain_anchors needs training.method 'sft' with training.kl_weight > 0 "
+                             "and kl_tokens 'prompt': an anchor row has no loss of its own, only the KL term on the "
+                             "tokens not trained on")
         if self.training.method == "dpo" and self.generation.samples_per_prompt < 2:
             raise ValueError(
                 "training.method 'dpo' needs generation.samples_per_prompt >= 2 (a pair needs two samples)"

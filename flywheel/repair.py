@@ -619,3 +619,47 @@ def augment_rows(prompts: Sequence[Prompt], sft, settings: RepairConfig, *, seed
              "augment_repaired": float(len(rows) - relabelled)}
     return RepairResult(pairs=pd.DataFrame([], columns=REFINE_PAIR_COLUMNS),
                         sft=pd.DataFrame(rows, columns=REFINE_SFT_COLUMNS), stats=stats)
+
+
+ANCHOR_ORIGIN = "repair:anchor"
+
+
+def plain_anchor_rows(prompts: Sequence[Prompt], samples, count: int, *, seed: int):
+    """Up to ``count`` KL anchor rows (origin :data:`ANCHOR_ORIGIN`): a task of the round asked alone (a
+    synthesized prompt's task sentence, without its instructions), with the first judged sample of the first
+    prompt that asks it. Training puts no loss on their answers, only the KL term to the starting model
+    (``flywheel.training``), so they hold what the policy does with a request that asks for nothing while the
+    repairs teach forms where asked. Tasks are drawn by a seeded hash, the same on every attempt. Prompts that ask
+    for a language other than English are passed over: their samples do not answer the task asked in English.
+    A task sentence is shorter than the decontamination n-gram, so it cannot share one with a held-out prompt.
+    Returns an SFT table (``flywheel.refine.REFINE_SFT_COLUMNS``)."""
+    import hashlib
+
+    import pandas as pd
+
+    from flywheel.refine import REFINE_SFT_COLUMNS
+
+    judged = samples[samples["verdict"] != "none"].sort_values(["prompt_id", "sample_index"], kind="stable")
+    first = judged.drop_duplicates("prompt_id").set_index("prompt_id")
+    by_task: dict[str, Prompt] = {}
+    for prompt in sorted(prompts, key=lambda p: p.id):
+        task = (prompt.topic or "").strip()
+        if (not task or task == prompt.prompt.strip() or prompt.id not in first.index
+                or any(c.type == "response_language" and c.args.get("language") != "en"
+                       for c in prompt.constraints)):
+            continue
+        by_task.setdefault(task, prompt)
+
+    def draw(task: str) -> str:
+        return hashlib.sha256(f"anchor:{seed}:{task}".encode()).hexdigest()
+
+    rows = []
+    for task in sorted(by_task, key=draw)[:count]:
+        prompt = by_task[task]
+        sample = first.loc[prompt.id]
+        if not str(sample["response"]).strip():
+            continue
+        rows.append({"row_id": f"{prompt.id}-anchor", "prompt_id": prompt.id, "prompt": task,
+                     "completion": sample["response"], "score": 1.0, "origin": ANCHOR_ORIGIN, "judge": "none",
+                     "ended": bool(sample.get("finished", True))})
+    return pd.DataFrame(rows, columns=REFINE_SFT_COLUMNS)

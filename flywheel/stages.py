@@ -745,7 +745,13 @@ def train_candidate(config: FlywheelConfig, workspace: Workspace, context: Round
         carried = refused_rounds(read_round_records(workspace), context, config.training.carry_refused_rounds)
         rows += carried_rows(workspace, carried, training_table(config), list(table.columns))
         log_metrics(workspace, context.run_id, {"train.carried_rounds": len(carried), "train.rows_offered": len(rows)})
-    rows = bounded_rows(rows, config.training.max_rows, seed=config.seed * 10_000 + context.number)
+    # The bound is on what the round teaches; KL anchors (strategy.repair.plain_anchors) come on top, as many as
+    # the recipe asks for.
+    from flywheel.repair import ANCHOR_ORIGIN
+
+    anchors = [row for row in rows if row.get("origin") == ANCHOR_ORIGIN]
+    targets = [row for row in rows if row.get("origin") != ANCHOR_ORIGIN]
+    rows = bounded_rows(targets, config.training.max_rows, seed=config.seed * 10_000 + context.number) + anchors
 
     def sink(metrics: dict[str, float], step: int) -> None:
         log_metrics(workspace, context.run_id, {f"train.{k}": v for k, v in metrics.items()}, step)

@@ -88,16 +88,24 @@ def build_strategy_data(config: FlywheelConfig, prompts: Sequence[Prompt], sampl
         result = repair_samples(prompts, samples, settings, strict=config.feedback.strict, avoid=avoid)
         merged = merge_refined(base, result.pairs, result.sft, _prefixed("repair", result.stats),
                                config.feedback.chosen_must_pass)
-        if not settings.augment_per_row:
+        if not settings.augment_per_row and not settings.plain_anchors:
             return merged
         import pandas as pd
 
-        from flywheel.repair import augment_rows
+        from flywheel.repair import augment_rows, plain_anchor_rows
 
-        extra = augment_rows(prompts, merged.sft, settings, seed=seed, strict=config.feedback.strict, avoid=avoid)
-        sft = pd.concat([merged.sft, extra.sft], ignore_index=True).drop_duplicates(["prompt", "completion"])
-        return StrategyData(pairs=merged.pairs, sft=sft.reset_index(drop=True),
-                            stats={**merged.stats, **_prefixed("repair", extra.stats)})
+        parts, stats = [merged.sft], dict(merged.stats)
+        if settings.augment_per_row:
+            extra = augment_rows(prompts, merged.sft, settings, seed=seed, strict=config.feedback.strict,
+                                 avoid=avoid)
+            parts.append(extra.sft)
+            stats.update(_prefixed("repair", extra.stats))
+        if settings.plain_anchors:
+            anchors = plain_anchor_rows(prompts, samples, settings.plain_anchors, seed=seed)
+            parts.append(anchors)
+            stats["repair_anchors"] = float(len(anchors))
+        sft = pd.concat(parts, ignore_index=True).drop_duplicates(["prompt", "completion"])
+        return StrategyData(pairs=merged.pairs, sft=sft.reset_index(drop=True), stats=stats)
     from flywheel.generation import make_engine
 
     gen = config.generation

@@ -266,6 +266,10 @@ def _make_trainer(config: TrainingConfig, model, tokenizer, rows: list[dict], co
                                 processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks, **anchor)
         if config.open_cut_off_targets:
             open_cut_off_endings(trainer, rows, tokenizer.eos_token_id)
+        anchors = mask_anchor_answers(trainer, rows)
+        if anchors and config.kl_weight <= 0:
+            raise TrainingError(f"{anchors} KL anchor rows (strategy.repair.plain_anchors) but training.kl_weight is "
+                                "0: an anchor has no loss without the KL term")
         return trainer
     if config.method == "sami":
         from flywheel.sami import make_sami_trainer
@@ -278,29 +282,50 @@ def _make_trainer(config: TrainingConfig, model, tokenizer, rows: list[dict], co
     raise TrainingError(f"unknown training method {config.method!r}")
 
 
-def open_cut_off_endings(trainer, rows: list[dict], end_of_turn: int | None) -> int:
-    """No loss on the end of turn (the end-of-turn token and what the chat template puts after it) of the SFT rows
-    whose ``ended`` is false: the token limit cut their answers off, and training them to end there teaches the
-    model to stop early (lists one item short, answers too brief). Returns how many rows were opened."""
-    opened = {index for index, row in enumerate(rows) if not bool(row.get("ended", True))}
-    if not opened or end_of_turn is None:
+def _relabel_rows(trainer, rows: list[dict], chosen: set[int], relabel, what: str) -> int:
+    """``relabel(example)`` gives the new labels of each tokenized SFT row whose index is in ``chosen``; the
+    tokenized rows must still match ``rows`` one to one. Returns ``len(chosen)``."""
+    if not chosen:
         return 0
     dataset = trainer.train_dataset
     if len(dataset) != len(rows):
         raise TrainingError(f"the tokenized SFT dataset has {len(dataset)} rows for {len(rows)} training rows: "
-                            "cannot tell which of them were cut off")
+                            f"cannot tell which of them {what}")
 
-    def open_end(example: dict, index: int) -> dict:
+    def apply(example: dict, index: int) -> dict:
+        return {"labels": relabel(example) if index in chosen else list(example["labels"])}
+
+    trainer.train_dataset = dataset.map(apply, with_indices=True)
+    return len(chosen)
+
+
+def open_cut_off_endings(trainer, rows: list[dict], end_of_turn: int | None) -> int:
+    """No loss on the end of turn (the end-of-turn token and what the chat template puts after it) of the SFT rows
+    whose ``ended`` is false: the token limit cut their answers off, and training them to end there teaches the
+    model to stop early (lists one item short, answers too brief). Returns how many rows were opened."""
+    if end_of_turn is None:
+        return 0
+
+    def open_end(example: dict) -> list[int]:
         labels = list(example["labels"])
-        if index in opened:
-            ends = [at for at, (token, label) in enumerate(zip(example["input_ids"], labels))
-                    if token == end_of_turn and label != -100]
-            if ends:
-                labels[ends[-1]:] = [-100] * (len(labels) - ends[-1])
-        return {"labels": labels}
+        ends = [at for at, (token, label) in enumerate(zip(example["input_ids"], labels))
+                if token == end_of_turn and label != -100]
+        if ends:
+            labels[ends[-1]:] = [-100] * (len(labels) - ends[-1])
+        return labels
 
-    trainer.train_dataset = dataset.map(open_end, with_indices=True)
-    return len(opened)
+    opened = {index for index, row in enumerate(rows) if not bool(row.get("ended", True))}
+    return _relabel_rows(trainer, rows, opened, open_end, "were cut off")
+
+
+def mask_anchor_answers(trainer, rows: list[dict]) -> int:
+    """No loss on the answers of KL anchor rows (``flywheel.repair.ANCHOR_ORIGIN``): their tokens then count as
+    untrained tokens, which the KL term of :func:`_anchored_sft_trainer` holds to the starting model. Returns how
+    many rows are anchors."""
+    from flywheel.repair import ANCHOR_ORIGIN
+
+    anchors = {index for index, row in enumerate(rows) if row.get("origin") == ANCHOR_ORIGIN}
+    return _relabel_rows(trainer, rows, anchors, lambda example: [-100] * len(example["labels"]), "are KL anchors")
 
 
 def _anchored_sft_trainer():
@@ -333,7 +358,8 @@ def _anchored_sft_trainer():
             answer = targets != -100
             if self.kl_tokens == "answer":
                 anchored = answer
-            else:  # every real request token: not trained on, not padding (no mask: padding-free rows)
+            else:  # every real token not trained on, not padding (no mask: padding-free rows): the requests, and
+                # the whole of a KL anchor row (mask_anchor_answers)
                 real = inputs["attention_mask"][:, 1:].bool() if "attention_mask" in inputs else torch.ones_like(answer)
                 anchored = real & ~answer
             nll = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)

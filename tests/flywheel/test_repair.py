@@ -8,7 +8,17 @@ import pytest
 
 from flywheel.config import FlywheelConfig, RepairConfig
 from flywheel.prompts import Constraint, Prompt
-from flywheel.repair import FIXERS, augment_rows, number_words, repair, repair_samples, shorten, trim_unfinished
+from flywheel.repair import (
+    ANCHOR_ORIGIN,
+    FIXERS,
+    augment_rows,
+    number_words,
+    plain_anchor_rows,
+    repair,
+    repair_samples,
+    shorten,
+    trim_unfinished,
+)
 from flywheel.strategies import build_strategy_data
 from flywheel.verifiers import VERIFIERS, verify
 
@@ -500,3 +510,63 @@ def test_contrast_types_are_checked():
     with pytest.raises(ValueError, match=r"contrast_types \['postscript'\] are not among types"):
         RepairConfig(types=["all_lowercase"], contrast_types=["postscript"])
     assert RepairConfig(types=["all_lowercase"], contrast_types=["all_lowercase"]).contrast_types == ["all_lowercase"]
+
+
+def _tasked(pid, task, constraints):
+    return _described(pid, task, constraints).model_copy(update={"topic": task})
+
+
+def test_plain_anchors_ask_each_task_alone_with_its_first_judged_sample():
+    lower, commas = Constraint(type="all_lowercase"), Constraint(type="no_commas")
+    prompts = [_tasked("a1", "Describe a garden.", [lower]), _tasked("a2", "Describe a garden.", [commas]),
+               _tasked("b", "Explain rain.", [commas]),
+               # Another language asked: its sample answers that, not the task in English.
+               _tasked("c", "Explain snow.", [Constraint(type="response_language", args={"language": "ru"})]),
+               # A user's prompt without a task sentence of its own.
+               Prompt(id="d", prompt="Write a poem.", constraints=[lower], topic="Write a poem."),
+               Prompt(id="e", prompt="Write a song.", constraints=[lower])]
+    samples = pd.concat([
+        _samples([("a1", 0, "Unjudged.", 0.0, "none"), ("a1", 1, "Gardens grow.", 0.0, "fail"),
+                  ("a1", 2, "Later one.", 0.0, "fail"), ("a2", 0, "Other prompt.", 0.0, "fail"),
+                  ("b", 0, "Rain falls, often.", 0.0, "fail"), ("c", 0, "Schnee.", 0.0, "fail"),
+                  ("d", 0, "roses are red.", 1.0, "pass"), ("e", 0, "la la.", 1.0, "pass")], finished=False),
+    ])
+    rows = plain_anchor_rows(prompts, samples, 10, seed=0)
+    assert sorted(zip(rows["prompt"], rows["completion"], rows["prompt_id"])) == [
+        ("Describe a garden.", "Gardens grow.", "a1"), ("Explain rain.", "Rain falls, often.", "b")]
+    assert set(rows["origin"]) == {ANCHOR_ORIGIN} and set(rows["row_id"]) == {"a1-anchor", "b-anchor"}
+    assert rows["ended"].tolist() == [False, False] and rows["score"].tolist() == [1.0, 1.0]
+    # At most `count` tasks, drawn by the seed: the same on every call, other draws on other seeds.
+    tasks = [_tasked(f"t{i}", f"Task number {i}.", [lower]) for i in range(40)]
+    many = _samples([(p.id, 0, f"Answer {i}.", 0.0, "fail") for i, p in enumerate(tasks)])
+    drawn = {seed: list(plain_anchor_rows(tasks, many, 5, seed=seed)["prompt"]) for seed in (0, 0, 1)}
+    assert len(drawn[0]) == 5 and drawn[0] == list(plain_anchor_rows(tasks, many, 5, seed=0)["prompt"])
+    assert drawn[1] != drawn[0]
+
+
+def test_the_repair_strategy_adds_plain_anchors_only_when_asked(tmp_path):
+    prompt = _tasked("a", "Describe a garden.", [Constraint(type="all_lowercase")])
+    samples = _samples_of(prompt, [("Big Words.", 0.0), ("small words.", 1.0)])
+    made = {}
+    for anchors in (0, 4):
+        config = FlywheelConfig.model_validate({
+            "strategy": {"name": "repair", "repair": {"plain_anchors": anchors}},
+            "training": {"method": "sft", "kl_weight": 1.0}})
+        made[anchors] = build_strategy_data(config, [prompt], samples, champion_dir=tmp_path, base_dir=tmp_path,
+                                            device="cpu")
+    assert ANCHOR_ORIGIN not in set(made[0].sft["origin"]) and "repair_anchors" not in made[0].stats
+    anchor = made[4].sft[made[4].sft["origin"] == ANCHOR_ORIGIN]
+    assert anchor[["prompt", "completion"]].values.tolist() == [["Describe a garden.", "Big Words."]]
+    assert made[4].stats["repair_anchors"] == 1.0
+    assert made[4].pairs.equals(made[0].pairs)
+    assert made[4].sft[made[4].sft["origin"] != ANCHOR_ORIGIN].equals(made[0].sft)
+
+
+def test_plain_anchors_need_sft_with_its_kl_term():
+    for training in ({"method": "sft", "kl_weight": 0.0}, {"method": "dpo"},
+                     {"method": "sft", "kl_weight": 1.0, "kl_tokens": "answer"}):
+        with pytest.raises(ValueError, match="plain_anchors needs training.method 'sft' with training.kl_weight > 0"):
+            FlywheelConfig.model_validate({"strategy": {"name": "repair", "repair": {"plain_anchors": 8}},
+                                           "training": training})
+    with pytest.raises(ValueError):
+        RepairConfig(plain_anchors=-1)

@@ -475,6 +475,13 @@ def test_train_candidate_trains_on_at_most_max_rows(registry_workspace, monkeypa
     stages.train_candidate(config, workspace, context, quality, SimpleNamespace(dvc_md5="m"))
     assert len(trained_on[0]) == 5 and {r["prompt"] for r in trained_on[0]} < set(prompts)
 
+    # KL anchors (strategy.repair.plain_anchors) come on top of the bound, every one of them.
+    origins = ["repair:accepted"] * 9 + ["repair:anchor"] * 3
+    pd.DataFrame({"prompt": prompts, "completion": ["a"] * 12, "origin": origins}).to_parquet(table)
+    stages.train_candidate(config, workspace, context, quality, SimpleNamespace(dvc_md5="m"))
+    kept = [r["origin"] for r in trained_on[1]]
+    assert len(kept) == 8 and kept.count("repair:anchor") == 3
+
 
 # --- rows of refused rounds from the same champion ---------------------------------------------------------------
 

@@ -196,6 +196,43 @@ def test_cut_off_targets_are_trained_without_their_end_of_turn(tiny_model_dir, t
         open_cut_off_endings(trainer, rows[:3], end)
 
 
+ANCHOR_ROWS = [
+    {"prompt": "Describe a river.", "completion": "A river runs from the hills to the sea, wide and slow.",
+     "origin": "repair:anchor"},
+    {"prompt": "Explain what bread is.", "completion": "Bread is baked from flour, water and yeast.",
+     "origin": "repair:anchor"},
+]
+
+
+def test_kl_anchor_rows_hold_their_answers_to_the_starting_model(tiny_model_dir, tmp_path):
+    from flywheel.models import load_model, load_tokenizer
+    from flywheel.training import _make_trainer
+
+    targets = [{**row, "origin": "repair:accepted"} for row in SFT_ROWS]
+    steps = {**FAST, "max_steps": 20, "learning_rate": 1e-2}
+    config = TrainingConfig(method="sft", kl_weight=50.0, **steps)
+    without = train(tiny_model_dir, targets, config, tmp_path / "without")
+    anchored = train(tiny_model_dir, targets + ANCHOR_ROWS, config, tmp_path / "anchored")
+    assert anchored.rows_used == 6 and anchored.changed_parameters > 0
+    # The targets alone move the anchors' answers too; with them as anchors they move far less.
+    drift_without = _kl_from(tiny_model_dir, Path(without.path), ANCHOR_ROWS, "answer")
+    drift_anchored = _kl_from(tiny_model_dir, Path(anchored.path), ANCHOR_ROWS, "answer")
+    assert drift_without > 0
+    assert drift_anchored < 0.5 * drift_without, (drift_anchored, drift_without)
+
+    # No loss on an anchor's tokens: its labels are all masked, the targets' answers keep theirs.
+    tokenizer = load_tokenizer(tiny_model_dir)
+    common = dict(max_steps=1, per_device_train_batch_size=2, max_length=256, report_to="none", use_cpu=True,
+                  save_strategy="no")
+    trainer = _make_trainer(config, load_model(tiny_model_dir, device="cpu", dtype="float32"), tokenizer,
+                            targets + ANCHOR_ROWS, common, None, [], str(tmp_path), {})
+    labelled = [sum(label != -100 for label in example["labels"]) for example in trainer.train_dataset]
+    assert all(count > 0 for count in labelled[:4]) and labelled[4:] == [0, 0]
+    # Without the KL term an anchor would teach nothing at all: refused rather than silently ignored.
+    with pytest.raises(TrainingError, match="2 KL anchor rows"):
+        train(tiny_model_dir, targets + ANCHOR_ROWS, TrainingConfig(method="sft", **FAST), tmp_path / "no-kl")
+
+
 def test_open_cut_off_targets_is_refused_without_sft():
     with pytest.raises(ValueError, match="open_cut_off_targets applies to SFT"):
         TrainingConfig(method="dpo", open_cut_off_targets=True)

@@ -11,6 +11,10 @@ strategy's rows skip the quality gate here, so the figures are for comparing tra
 
 A variant is NAME=JSON: ``training`` fields of the recipe to override (``lora`` as an object). Prints a table (with
 the champion's own scores as the first row), writes bench/out/recipes.json and logs the table to MLflow.
+
+``--seeds 0,1,2`` trains every variant once per training seed (the order the rows are trained in) and adds a table of
+each variant's mean, lowest and highest instruction accuracy over them: the same round's rows gained +1.7 to +4.3
+points on four seeds (bench/README.md), so a difference between variants smaller than that spread says nothing.
 """
 
 from __future__ import annotations
@@ -69,6 +73,31 @@ def score(config, model_dir: Path, split, state_dir: Path) -> dict:
             "mean_tokens": scores.mean_tokens, "perplexity": perplexity(model_dir), "per_type": scores.per_type}
 
 
+def parse_seeds(text: str | None, default: int) -> list[int]:
+    if text is None:
+        return [default]
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds {text!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds {text!r}: expected distinct integers, e.g. 0,1,2")
+    return seeds
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """Per variant, in first-seen order: how many seeds, and the mean, lowest and highest instruction accuracy and
+    their gain over the champion (the row without a seed)."""
+    champion = next(row["instr_acc"] for row in rows if row.get("seed") is None)
+    by_variant: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get("seed") is not None:
+            by_variant.setdefault(row["variant"], []).append(row["instr_acc"])
+    return [{"variant": name, "seeds": len(accs), "mean": sum(accs) / len(accs), "low": min(accs),
+             "high": max(accs), "mean_gain": sum(accs) / len(accs) - champion, "spread": max(accs) - min(accs)}
+            for name, accs in by_variant.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workspace", type=Path, required=True)
@@ -76,6 +105,7 @@ def main() -> None:
     parser.add_argument("--strategy", choices=["round", "best_of_n", "repair"], default="repair")
     parser.add_argument("--recipe", type=Path, default=ROOT / "configs" / "default.yaml")
     parser.add_argument("--variant", action="append", default=[], help="NAME=JSON training overrides (repeatable)")
+    parser.add_argument("--seeds", help="training seeds, comma-separated (default: the recipe's seed)")
     args = parser.parse_args()
     if not args.variant:
         raise SystemExit("give at least one --variant NAME=JSON")
@@ -88,6 +118,7 @@ def main() -> None:
     from flywheel.workspace import Workspace
 
     config = load_config(args.recipe)
+    seeds = parse_seeds(args.seeds, config.seed)
     workspace = Workspace.from_config(config, args.workspace)
     record_path = workspace.records / f"round-{args.round:04d}.json"
     if not record_path.is_file():
@@ -108,31 +139,40 @@ def main() -> None:
             training = TrainingConfig.model_validate({**config.training.model_dump(), **overrides,
                                                       "checkpoint_steps": 0})
             rows = tables["pairs" if training.method == "dpo" else "sft"]
-            started = time.perf_counter()
-            model_dir = Path(scratch) / name
-            trained = train(champion, rows, training, model_dir, seed=config.seed)
-            row = {"variant": name, "rows": len(rows), "steps": trained.steps,
-                   "train_s": time.perf_counter() - started, **score(config, model_dir, split, state)}
-            rows_out.append(row)
-            shutil.rmtree(model_dir)
-            print(f"{name}: instruction accuracy {row['instr_acc']:.3f}, perplexity {row['perplexity']:.2f}",
-                  flush=True)
+            for seed in seeds:
+                started = time.perf_counter()
+                model_dir = Path(scratch) / name
+                trained = train(champion, rows, training, model_dir, seed=seed)
+                row = {"variant": name, "seed": seed, "rows": len(rows), "steps": trained.steps,
+                       "train_s": time.perf_counter() - started, **score(config, model_dir, split, state)}
+                rows_out.append(row)
+                shutil.rmtree(model_dir)
+                print(f"{name} (seed {seed}): instruction accuracy {row['instr_acc']:.3f}, "
+                      f"perplexity {row['perplexity']:.2f}", flush=True)
     base_ppl = rows_out[0]["perplexity"]
     for row in rows_out:
         row["ppl_increase"] = row["perplexity"] / base_ppl - 1
     common.print_table(rows_out, [
-        ("variant", "variant", ""), ("rows", "rows", ""), ("steps", "steps", ""), ("train_s", "train s", ".0f"),
+        ("variant", "variant", ""), ("seed", "seed", ""), ("rows", "rows", ""), ("steps", "steps", ""),
+        ("train_s", "train s", ".0f"),
         ("prompt_acc", "prompt acc", ".3f"), ("instr_acc", "instr acc", ".3f"),
         ("loose_instr_acc", "loose instr", ".3f"), ("truncated", "truncated", ".2f"),
         ("ppl_increase", "perplexity vs champion", "+.1%"),
     ])
+    summary = seed_summary(rows_out)
+    if len(seeds) > 1:
+        common.print_table(summary, [
+            ("variant", "variant", ""), ("seeds", "seeds", ""), ("mean", "mean instr acc", ".3f"),
+            ("low", "lowest", ".3f"), ("high", "highest", ".3f"), ("mean_gain", "mean vs champion", "+.3f"),
+            ("spread", "spread", ".3f"),
+        ])
     print(common.load_note(load))
     data = {"workspace": str(args.workspace), "round": args.round, "strategy": args.strategy,
-            "variants": variants, "rows": rows_out, "load": load}
+            "variants": variants, "seeds": seeds, "rows": rows_out, "seed_summary": summary, "load": load}
     path = common.write_json("recipes", data)
     common.log_to_mlflow("recipes", [{k: v for k, v in r.items() if k != "per_type"} for r in rows_out],
                          {"workspace": args.workspace, "round": args.round, "strategy": args.strategy,
-                          "variants": json.dumps(variants, default=str)}, [path])
+                          "seeds": ",".join(map(str, seeds)), "variants": json.dumps(variants, default=str)}, [path])
 
 
 if __name__ == "__main__":

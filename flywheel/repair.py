@@ -624,15 +624,17 @@ def augment_rows(prompts: Sequence[Prompt], sft, settings: RepairConfig, *, seed
 ANCHOR_ORIGIN = "repair:anchor"
 
 
-def plain_anchor_rows(prompts: Sequence[Prompt], samples, count: int, *, seed: int):
+def plain_anchor_rows(prompts: Sequence[Prompt], samples, count: int, *, seed: int,
+                      avoid: NgramIndex | None = None):
     """Up to ``count`` KL anchor rows (origin :data:`ANCHOR_ORIGIN`): a task of the round asked alone (a
     synthesized prompt's task sentence, without its instructions), with the first judged sample of the first
     prompt that asks it. Training puts no loss on their answers, only the KL term to the starting model
     (``flywheel.training``), so they hold what the policy does with a request that asks for nothing while the
     repairs teach forms where asked. Tasks are drawn by a seeded hash, the same on every attempt. Prompts that ask
     for a language other than English are passed over: their samples do not answer the task asked in English.
-    A task sentence is shorter than the decontamination n-gram, so it cannot share one with a held-out prompt.
-    Returns an SFT table (``flywheel.refine.REFINE_SFT_COLUMNS``)."""
+    ``avoid``: the held-out prompts' n-grams; a task that shares one is passed over (held-out prompts are built from
+    the same tasks, and the quality gate would quarantine the row). Returns an SFT table
+    (``flywheel.refine.REFINE_SFT_COLUMNS``)."""
     import hashlib
 
     import pandas as pd
@@ -646,7 +648,8 @@ def plain_anchor_rows(prompts: Sequence[Prompt], samples, count: int, *, seed: i
         task = (prompt.topic or "").strip()
         if (not task or task == prompt.prompt.strip() or prompt.id not in first.index
                 or any(c.type == "response_language" and c.args.get("language") != "en"
-                       for c in prompt.constraints)):
+                       for c in prompt.constraints)
+                or (avoid is not None and shares_ngram(task, avoid))):
             continue
         by_task.setdefault(task, prompt)
 

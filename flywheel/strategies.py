@@ -82,9 +82,9 @@ def build_strategy_data(config: FlywheelConfig, prompts: Sequence[Prompt], sampl
         from flywheel.textchecks import NgramIndex
 
         settings = config.strategy.repair
-        # Contrast and hindsight rows have prompts of their own, which must not overlap the held-out ones.
+        # Contrast, hindsight and anchor rows have prompts of their own, which must not overlap the held-out ones.
         avoid = (NgramIndex.build([p.prompt for p in held_out], config.quality.decontamination_ngram)
-                 if settings.contrast_types or settings.augment_per_row else None)
+                 if settings.contrast_types or settings.augment_per_row or settings.plain_anchors else None)
         result = repair_samples(prompts, samples, settings, strict=config.feedback.strict, avoid=avoid)
         merged = merge_refined(base, result.pairs, result.sft, _prefixed("repair", result.stats),
                                config.feedback.chosen_must_pass)
@@ -101,7 +101,7 @@ def build_strategy_data(config: FlywheelConfig, prompts: Sequence[Prompt], sampl
             parts.append(extra.sft)
             stats.update(_prefixed("repair", extra.stats))
         if settings.plain_anchors:
-            anchors = plain_anchor_rows(prompts, samples, settings.plain_anchors, seed=seed)
+            anchors = plain_anchor_rows(prompts, samples, settings.plain_anchors, seed=seed, avoid=avoid)
             parts.append(anchors)
             stats["repair_anchors"] = float(len(anchors))
         sft = pd.concat(parts, ignore_index=True).drop_duplicates(["prompt", "completion"])

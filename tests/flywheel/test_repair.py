@@ -570,3 +570,17 @@ def test_plain_anchors_need_sft_with_its_kl_term():
                                            "training": training})
     with pytest.raises(ValueError):
         RepairConfig(plain_anchors=-1)
+
+
+def test_a_plain_anchor_whose_task_a_held_out_prompt_shares_is_passed_over(tmp_path):
+    lower = Constraint(type="all_lowercase")
+    prompts = [_tasked("a", "Describe a garden in spring.", [lower]), _tasked("b", "Explain how rain forms.", [lower])]
+    samples = pd.concat([_samples_of(p, [("Big Words.", 0.0)]) for p in prompts])
+    held_out = [_tasked("h", "Describe a garden in spring.", [Constraint(type="no_commas")])]
+    config = FlywheelConfig.model_validate({
+        "strategy": {"name": "repair", "repair": {"plain_anchors": 8}},
+        "training": {"method": "sft", "kl_weight": 1.0}, "quality": {"decontamination_ngram": 4}})
+    made = build_strategy_data(config, prompts, samples, champion_dir=tmp_path, base_dir=tmp_path, device="cpu",
+                               held_out=held_out)
+    anchors = made.sft[made.sft["origin"] == ANCHOR_ORIGIN]
+    assert anchors["prompt"].tolist() == ["Explain how rain forms."] and made.stats["repair_anchors"] == 1.0

@@ -171,6 +171,11 @@ class FeedbackConfig(Section):
     )
     min_score_gap: float = Field(0.0, ge=0, le=1, description="Chosen must beat rejected by more than this.")
     sft_min_score: float = Field(1.0, ge=0, le=1, description="Samples at or above this score become SFT rows.")
+    echo_ngram: int | None = Field(
+        None, ge=2, le=32, description="The verifier fails (score 0) an answer that copies this many consecutive "
+        "words of one of its instructions, or an instruction's example (\"* This is a point\", \"<<my title>>\"): "
+        "it meets the check by echoing the prompt, and trained on it teaches the echo. Repairs that echo are not "
+        "accepted either. Evaluation is unaffected. null: off.")
 
     @model_validator(mode="after")
     def _judges(self) -> FeedbackConfig:

@@ -50,16 +50,18 @@ def judge_table(
     llm_scope: Literal["unverifiable", "all"] = "unverifiable",
     agreement_sample: int = 0,
     seed: int = 0,
+    echo_ngram: int | None = None,
 ) -> JudgedTable:
     """Judge every completion; one row each, in the order given.
 
     ``verifier_decides``: the verifier's verdict counts on rows it can check (``verifier`` is among the judges).
     ``agreement_sample``: with ``llm_scope="unverifiable"``, this many verifiable rows (a seeded random choice) are
     also judged by the LLM judge, only to measure agreement; the verifier still decides them.
+    ``echo_ngram``: the verifier fails answers that copy their instructions (``VerifierJudge``).
     """
     import pandas as pd
 
-    verifier = VerifierJudge(strict=strict)
+    verifier = VerifierJudge(strict=strict, echo_ngram=echo_ngram)
     items = [(prompts[c.request_index], c.text) for c in completions]
     checked = verifier.judge_with_checks(items)
     verifiable = [i for i, (prompt, _) in enumerate(items) if prompt.constraints]
@@ -150,8 +152,8 @@ class RoundJudge:
     for the rest (or for everything with ``llm_scope="all"``). Strategies use it to judge the answers they make."""
 
     def __init__(self, *, strict: bool = True, llm: Judge | None = None, verifier_decides: bool = True,
-                 llm_scope: Literal["unverifiable", "all"] = "unverifiable"):
-        self.verifier = VerifierJudge(strict=strict)
+                 llm_scope: Literal["unverifiable", "all"] = "unverifiable", echo_ngram: int | None = None):
+        self.verifier = VerifierJudge(strict=strict, echo_ngram=echo_ngram)
         self.llm = llm
         self.verifier_decides = verifier_decides
         self.llm_scope = llm_scope

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.generation import Engine, EngineError, SamplingParams, user_request
 from flywheel.prompts import Prompt
-from flywheel.verifiers import verify
+from flywheel.verifiers import echoed_instruction, verify
 
 if TYPE_CHECKING:
     from flywheel.config import FlywheelConfig
@@ -58,13 +58,17 @@ class Judge(Protocol):
 # --- verifier ---------------------------------------------------------------------------------------------------
 
 class VerifierJudge:
-    """The programmatic checks. ``checks`` gives the per-constraint results the samples table records."""
+    """The programmatic checks. ``checks`` gives the per-constraint results the samples table records.
+    ``echo_ngram``: a response that copies its instructions' wording (``flywheel.verifiers.echoed_instruction``)
+    fails with score 0 whatever its checks say, so it is never a training target and is the rejected side of a
+    pair. Evaluation leaves it unset: held-out accuracy stays the plain instruction checks."""
 
     name = "verifier"
     source = "programmatic checks"
 
-    def __init__(self, strict: bool = True):
+    def __init__(self, strict: bool = True, echo_ngram: int | None = None):
         self.strict = strict
+        self.echo_ngram = echo_ngram
 
     def judge(self, items: Sequence[Item]) -> list[JudgeVerdict]:
         return [verdict for verdict, _ in self.judge_with_checks(items)]
@@ -77,6 +81,12 @@ class VerifierJudge:
             return JudgeVerdict(score=0.0, passed=None, judge=self.name,
                                 critique="No verifiable constraint: the verifier cannot judge this prompt."), []
         result = verify(prompt.constraints, response, strict=self.strict)
+        echo = (None if self.echo_ngram is None
+                else echoed_instruction(prompt.constraints, response, ngram=self.echo_ngram))
+        if echo is not None:
+            return JudgeVerdict(score=0.0, passed=False, judge=self.name,
+                                critique=f"Copies its instructions instead of following them: {echo}."), \
+                list(result.checks)
         failed = [c.describe() for c, ok in zip(prompt.constraints, result.checks) if not ok]
         total = len(result.checks)
         if not failed:

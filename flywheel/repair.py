@@ -37,6 +37,7 @@ from flywheel.verifiers import (
     _words,
     capital_word_count,
     compatible,
+    echoed_instruction,
     highlight_count,
     placeholder_count,
     verify,
@@ -493,14 +494,16 @@ def contrast(prompt: Prompt, prompt_text: str, response: str, settings: RepairCo
 
 
 def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *, strict: bool = True,
-                   avoid: NgramIndex | None = None) -> RepairResult:
+                   avoid: NgramIndex | None = None, echo_ngram: int | None = None) -> RepairResult:
     """Per prompt, the failed sample whose repair satisfies the most instructions (ties: the smaller edit, then the
     earlier sample) gives one pair (repaired, original), and an SFT row when the repair passes every check.
     One row per prompt, not one per repaired sample: the samples of a prompt repair into near-copies, and
     training on all of them over-weights those prompts (it scored worse on held-out prompts, bench/README.md).
     With ``settings.contrast_types``, an accepted repair also gives its :func:`contrast` row (``avoid``: the
     held-out prompts' n-grams). ``samples``: the judged samples table (``flywheel.feedback.SAMPLE_COLUMNS``); rows
-    without a verdict are left out, as everywhere."""
+    without a verdict are left out, as everywhere. ``echo_ngram``: a repair that copies its instructions' wording
+    (``flywheel.verifiers.echoed_instruction``) is not accepted, as the verifier judge does not accept such a
+    sample; its checks count as they are."""
     import pandas as pd
 
     from flywheel.refine import REFINE_PAIR_COLUMNS, REFINE_SFT_COLUMNS
@@ -508,7 +511,7 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
     by_id = {p.id: p for p in prompts}
     usable = samples[(samples["verdict"] != "none") & (samples["score"] < 1.0)]
     pairs, sft = [], []
-    attempted = improved = contrasted = 0
+    attempted = improved = contrasted = echoes = 0
     for prompt_id, group in usable.groupby("prompt_id", sort=True):
         prompt = by_id.get(prompt_id)
         if prompt is None:
@@ -528,6 +531,9 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
                 if after.score > before.score and not any(b and not a for b, a in zip(before.checks, after.checks)):
                     break
             else:
+                continue
+            if echo_ngram is not None and echoed_instruction(prompt.constraints, fixed, ngram=echo_ngram):
+                echoes += 1
                 continue
             improved += 1
             key = (-after.score, abs(len(fixed) - len(row.response)), row.sample_index)
@@ -557,6 +563,8 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
              "passed": float(len(sft) - contrasted)}
     if settings.contrast_types:
         stats["contrast"] = float(contrasted)
+    if echo_ngram is not None:
+        stats["echoes"] = float(echoes)
     return RepairResult(pairs=pd.DataFrame(pairs, columns=REFINE_PAIR_COLUMNS),
                         sft=pd.DataFrame(sft, columns=REFINE_SFT_COLUMNS), stats=stats)
 

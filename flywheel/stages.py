@@ -523,7 +523,8 @@ def judge_samples(config: FlywheelConfig, context: RoundContext, split: PromptSp
     try:
         result = judge_table(prompts, completions, strict=feedback.strict, llm=llm,
                              verifier_decides="verifier" in feedback.judges, llm_scope=feedback.llm_scope,
-                             agreement_sample=feedback.agreement_sample, seed=config.seed * 10_000 + context.number)
+                             agreement_sample=feedback.agreement_sample, seed=config.seed * 10_000 + context.number,
+                             echo_ngram=feedback.echo_ngram)
     finally:
         if llm is not None:
             llm.close()

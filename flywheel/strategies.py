@@ -85,7 +85,8 @@ def build_strategy_data(config: FlywheelConfig, prompts: Sequence[Prompt], sampl
         # Contrast, hindsight and anchor rows have prompts of their own, which must not overlap the held-out ones.
         avoid = (NgramIndex.build([p.prompt for p in held_out], config.quality.decontamination_ngram)
                  if settings.contrast_types or settings.augment_per_row or settings.plain_anchors else None)
-        result = repair_samples(prompts, samples, settings, strict=config.feedback.strict, avoid=avoid)
+        result = repair_samples(prompts, samples, settings, strict=config.feedback.strict, avoid=avoid,
+                                echo_ngram=config.feedback.echo_ngram)
         merged = merge_refined(base, result.pairs, result.sft, _prefixed("repair", result.stats),
                                config.feedback.chosen_must_pass)
         if not settings.augment_per_row and not settings.plain_anchors:
@@ -156,7 +157,7 @@ def round_judge(config: FlywheelConfig, champion_dir: Path, base_dir: Path, devi
     llm = build_llm_judge(config, champion_dir, base_dir, device=device, engine_options=engine_options,
                           reward_model_dir=reward_model_dir)
     return RoundJudge(strict=feedback.strict, llm=llm, verifier_decides="verifier" in feedback.judges,
-                      llm_scope=feedback.llm_scope)
+                      llm_scope=feedback.llm_scope, echo_ngram=feedback.echo_ngram)
 
 
 def _sami(config, prompts, policy, judge, champion_dir, base_dir, device, options, seed, progress) -> StrategyData:

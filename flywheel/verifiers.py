@@ -821,3 +821,50 @@ def compatible(types: Iterable[str]) -> bool:
         for i, a in enumerate(chosen)
         for b in chosen[i + 1:]
     )
+
+
+# The examples the instruction sentences give. An answer that writes "* This is a point" or "<<my title>>" meets the
+# check by copying the prompt rather than following it; trained on, it teaches the copying (bench/README.md).
+INSTRUCTION_EXAMPLES: dict[str, tuple[str, ...]] = {
+    "bullet_count_exact": ("This is a point",),
+    "numbered_list_count": ("This is an item",),
+    "title": ("my title",),
+    "highlighted_sections": ("highlighted section",),
+}
+
+
+def _requested_words(args: dict[str, Any]) -> list[str]:
+    """The words an instruction asks the answer to use (phrases, keywords, a request to repeat), lower case."""
+    texts: list[str] = []
+    for value in args.values():
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list):
+            texts.extend(item for item in value if isinstance(item, str))
+    return [word.lower() for text in texts for word in _words(text)]
+
+
+def _ngrams(words: Sequence[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def echoed_instruction(constraints: Sequence[Constraint], response: str, *, ngram: int = 6) -> str | None:
+    """What of its instructions' wording ``response`` copies instead of following them, or None: the example an
+    instruction of its type gives (``INSTRUCTION_EXAMPLES``), or ``ngram`` consecutive words of an instruction's
+    sentence that are not words it asks for (a phrase to start or end with, keywords, a request to repeat)."""
+    if ngram < 2:
+        raise ValueError(f"echoed_instruction: ngram must be at least 2, got {ngram}")
+    lowered = response.lower()
+    words = [word.lower() for word in _words(response)]
+    answer_grams = _ngrams(words, ngram)
+    for constraint in constraints:
+        requested = _requested_words(constraint.args)
+        for example in INSTRUCTION_EXAMPLES.get(constraint.type, ()):
+            if re.search(rf"\b{re.escape(example.lower())}\b", lowered):
+                return f'the example "{example}"'
+        asked = _ngrams(requested, ngram)
+        instruction = [word.lower() for word in _words(constraint.describe())]
+        for gram in sorted(_ngrams(instruction, ngram) - asked):
+            if gram in answer_grams:
+                return f'"{" ".join(gram)}" from "{constraint.describe()}"'
+    return None

@@ -98,6 +98,7 @@ BAD_CONFIGS = [
      ["storage", "keep_refused: 2 applies only with prune_after_round 'refused'", "'copies'"]),
     ("unknown-prune-mode", _yaml({"storage": {"prune_after_round": "all"}}), ["storage.prune_after_round", "'all'"]),
     ("prune-mode-yes", "storage:\n  prune_after_round: yes\n", ["storage.prune_after_round", "True"]),
+    ("echo-ngram-one-word", _yaml({"feedback": {"echo_ngram": 1}}), ["feedback.echo_ngram", "greater than or equal"]),
 ]
 
 

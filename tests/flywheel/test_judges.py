@@ -139,6 +139,26 @@ def test_verifier_judge_critique_names_failed_constraints():
     assert all(v.judge == "verifier" for v in verdicts)
 
 
+def test_verifier_judge_with_echo_ngram_fails_an_answer_that_copies_its_instructions():
+    titled = Prompt(id="p-title", prompt="Describe tea. Your answer must contain a title, wrapped in double angular "
+                    "brackets, such as <<my title>>.", constraints=[Constraint(type="title")])
+    items = [(titled, "<<my title>>\n\nTea is a drink."), (titled, "<<On Tea>>\n\nTea is a drink.")]
+    plain = VerifierJudge().judge(items)
+    assert [v.passed for v in plain] == [True, True]  # the checks alone are met by the copy
+    strict = VerifierJudge(echo_ngram=6).judge_with_checks(items)
+    (copied, copied_checks), (own, _) = strict
+    assert (copied.passed, copied.score) == (False, 0.0) and copied_checks == [True]
+    assert copied.critique == 'Copies its instructions instead of following them: the example "my title".'
+    assert (own.passed, own.score) == (True, 1.0)
+    # In a round's table the copy is neither an SFT row nor a chosen answer; it is the rejected side of the pair.
+    frame = judge_table([titled], [Completion(request_index=0, sample_index=i, text=text, n_tokens=5,
+                                              finished=True) for i, (_, text) in enumerate(items)],
+                        echo_ngram=6).frame
+    config = parse_config({"feedback": {"echo_ngram": 6}}).feedback
+    assert build_sft(frame, config)["completion"].tolist() == [items[1][1]]
+    assert build_pairs(frame, config)[["chosen", "rejected"]].values.tolist() == [[items[1][1], items[0][1]]]
+
+
 def test_verifier_judge_gives_no_verdict_without_constraints():
     free = Prompt.model_construct(id="p-free", prompt="Tell me about tea.", constraints=[], topic="")
     verdict = VerifierJudge().judge([(free, "Tea is a drink.")])[0]

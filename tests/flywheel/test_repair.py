@@ -270,6 +270,18 @@ def test_a_repair_that_improves_without_passing_makes_a_pair_but_no_sft_row():
     assert result.sft.empty and {"completion", "origin", "judge"} <= set(result.sft.columns)
 
 
+def test_a_repair_that_copies_its_instructions_is_not_accepted_with_echo_ngram():
+    prompts = [_prompt("titled", [Constraint(type="title"), Constraint(type="all_lowercase")])]
+    samples = _samples([("titled", 0, "<<my title>>\n\nTea Is Good.", 0.5, "fail"),
+                        ("titled", 1, "<<On Tea>>\n\nTea Is Good.", 0.0, "fail")])
+    # Without the setting the copy, the earlier sample, wins; with it, only the answer's own title counts.
+    assert repair_samples(prompts, samples, RepairConfig()).sft["completion"].tolist() == [
+        "<<my title>>\n\ntea is good."]
+    result = repair_samples(prompts, samples, RepairConfig(), echo_ngram=6)
+    assert result.sft["completion"].tolist() == ["<<on tea>>\n\ntea is good."]
+    assert result.stats["echoes"] == 1.0 and result.stats["passed"] == 1.0
+
+
 def test_unknown_samples_prompt_is_an_error():
     with pytest.raises(ValueError, match="not among the round's prompts"):
         repair_samples([], _samples([("ghost", 0, "A, b.", 0.0, "fail")]), RepairConfig())
@@ -284,6 +296,14 @@ def test_repair_strategy_replaces_the_best_of_n_pair_of_its_prompt(tmp_path):
     assert dict(zip(made.pairs["prompt_id"], made.pairs["origin"])) == {"a": "repair:pair", "b": "repair:pair"}
     assert set(made.sft["origin"]) == {"best_of_n:accepted", "repair:accepted"}
     assert made.stats["repair_pairs"] == 2.0 and made.stats["best_of_n_pairs"] == 1.0
+
+
+def test_the_repair_strategy_passes_feedback_echo_ngram_to_its_repairs(tmp_path):
+    prompts = [_prompt("titled", [Constraint(type="title"), Constraint(type="all_lowercase")])]
+    samples = _samples([("titled", 0, "<<my title>>\n\nTea Is Good.", 0.5, "fail")])
+    config = FlywheelConfig.model_validate({"strategy": {"name": "repair"}, "feedback": {"echo_ngram": 6}})
+    made = build_strategy_data(config, prompts, samples, champion_dir=tmp_path, base_dir=tmp_path, device="cpu")
+    assert made.sft.empty and made.stats["repair_echoes"] == 1.0
 
 
 def test_repair_config_is_checked():

@@ -655,3 +655,26 @@ def test_repair_augmentation_never_writes_a_held_out_prompt(tmp_path):
     augmented = sft[sft["origin"].str.startswith("augment:")]
     assert augmented["row_id"].tolist() == ["p-sft0-augment-quotation_wrapped"]
     assert made.stats["repair_augmented"] == 1.0
+
+
+def test_judge_samples_fails_answers_that_copy_their_instructions_when_the_recipe_says_so(tmp_path):
+    import pandas as pd
+
+    from flywheel import stages
+    from flywheel.prompts import Prompt, save_prompts
+    from flywheel.verifiers import Constraint
+
+    prompt = Prompt(id="p-title", prompt="Describe tea. Your answer must contain a title, wrapped in double angular "
+                    "brackets, such as <<my title>>.", constraints=[Constraint(type="title")])
+    save_prompts([prompt], tmp_path / "train.jsonl")
+    pd.DataFrame([{"request_index": 0, "sample_index": i, "text": text, "n_tokens": 5, "finished": True}
+                  for i, text in enumerate(["<<my title>>\n\nTea.", "<<On Tea>>\n\nTea."])]).to_parquet(
+        tmp_path / "generations.parquet", index=False)
+    split = stages.PromptSplit(train_path=str(tmp_path / "train.jsonl"), eval_path="", train=1, eval=0,
+                               round_prompts=1)
+    generations = stages.Generations(path=str(tmp_path / "generations.parquet"), prompts=1, samples=2, tokens=10,
+                                     seconds=1.0, tokens_per_second=10.0)
+    for echo_ngram, passed in ((None, [True, True]), (6, [False, True])):
+        config = parse_config({"feedback": {"echo_ngram": echo_ngram}})
+        judged = stages.judge_samples(config, _context(1, tmp_path), split, generations)
+        assert pd.read_parquet(judged.path)["passed"].tolist() == passed

@@ -2,7 +2,16 @@ import random
 
 import pytest
 
-from flywheel.verifiers import VERIFIERS, Constraint, Verdict, compatible, loose_variants, verify
+from flywheel.verifiers import (
+    INSTRUCTION_EXAMPLES,
+    VERIFIERS,
+    Constraint,
+    Verdict,
+    compatible,
+    echoed_instruction,
+    loose_variants,
+    verify,
+)
 
 # (type, args, a response that passes, a response that fails) -- strict mode. Every registered type needs a row.
 CASES = [
@@ -250,3 +259,51 @@ def test_conflicts_are_symmetric_and_known():
             assert name in VERIFIERS[other].conflicts
             assert compatible([name, other]) is False
             assert compatible([other, name]) is False
+
+
+# --- answers that copy their instructions ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, args, echo", [
+    ("bullet_count_exact", {"num_bullets": 2}, "* This is a point.\n* This is a point."),
+    ("numbered_list_count", {"num_items": 2}, "1. This is an item\n2. Tea"),
+    ("title", {}, "<<My Title>>\n\nTea is a drink."),
+    ("highlighted_sections", {"num_highlights": 1}, "*highlighted section* Tea is a drink."),
+    ("last_word", {"word": "again"}, 'The last word of your response must be "again".'),
+    ("all_uppercase", {}, "YOUR ENTIRE RESPONSE MUST BE IN ENGLISH AND IN ALL CAPITAL LETTERS."),
+])
+def test_an_answer_that_copies_its_instruction_is_named(kind, args, echo):
+    constraint = Constraint(type=kind, args=args)
+    assert constraint.check(echo)  # the check alone is met by the copy
+    found = echoed_instruction([constraint], echo)
+    assert found is not None
+    if kind in INSTRUCTION_EXAMPLES:
+        assert found == f'the example "{INSTRUCTION_EXAMPLES[kind][0]}"'
+    else:
+        assert constraint.describe() in found
+
+
+@pytest.mark.parametrize("kind, args, answer", [
+    ("bullet_count_exact", {"num_bullets": 2}, "* Boil the water.\n* Steep the leaves."),
+    ("title", {}, "<<A Cup of Tea>>\n\nTea is a drink."),
+    # The words an instruction asks for are not a copy, however long.
+    ("end_with_phrase", {"phrase": "Is there anything else I can help with?"},
+     "Tea is a drink. Is there anything else I can help with?"),
+    ("start_with_phrase", {"phrase": "Let me explain it to you in detail"},
+     "Let me explain it to you in detail: tea is a drink."),
+    ("repeat_request", {"prompt_to_repeat": "Describe your favourite kind of tea in a few words"},
+     "Describe your favourite kind of tea in a few words. Green tea, fresh and grassy."),
+    ("postscript", {"marker": "P.S."}, "Tea is a drink.\n\nP.S. Try it with lemon."),
+])
+def test_an_answer_that_follows_its_instruction_copies_nothing(kind, args, answer):
+    constraint = Constraint(type=kind, args=args)
+    assert constraint.check(answer)
+    assert echoed_instruction([constraint], answer) is None
+
+
+def test_echo_ngram_sets_how_many_words_make_a_copy():
+    constraint = Constraint(type="last_word", args={"word": "again"})
+    answer = "Remember: the last word of your answer is again"  # shares "the last word of your" (5 words)
+    assert echoed_instruction([constraint], answer, ngram=5) is not None
+    assert echoed_instruction([constraint], answer, ngram=6) is None
+    with pytest.raises(ValueError, match="at least 2"):
+        echoed_instruction([constraint], answer, ngram=1)

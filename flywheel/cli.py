@@ -166,6 +166,8 @@ def summary_rows(record) -> dict[str, str]:
         **{f"{metric} gain (95% CI)": _gain_text(estimate) for metric, estimate in
            (("prompt", ev and ev.prompt_gain), ("instruction", ev and ev.instruction_gain)) if estimate},
         "win rate vs champion": f"{ev.win_rate:.3f}" if ev else "-",
+        **({"answers copying their instructions": f"{ev.candidate_echoes} (champion {ev.champion_echoes})"}
+           if ev and ev.candidate_echoes is not None else {}),
         **({"open-ended win rate": f"{ev.open_ended.win_rate:.3f} ({ev.open_ended.judge}, "
                                    f"{ev.open_ended.prompts} prompts)"} if ev and ev.open_ended else {}),
         "new version": f"v{record.registration.version}" if record.registration else "-",

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 
 from flywheel.open_ended import OpenEndedResult
+from flywheel.prompts import Prompt
+from flywheel.verifiers import echoed_instruction
+
+# Consecutive words of an instruction an evaluated answer must share to count as a copy, unless the recipe's
+# feedback.echo_ngram says otherwise: long enough that no natural answer shares it by chance.
+ECHO_NGRAM = 6
 
 
 class ModelScores(BaseModel):
@@ -62,6 +69,10 @@ class Evaluation(BaseModel):
     # The paired gains with their intervals (None in records made before they were kept).
     prompt_gain: PairedGain | None = None
     instruction_gain: PairedGain | None = None
+    # Held-out answers that copy their instructions' wording (``echoed_answers``): the checks count them as they
+    # are, so a gain made of copies shows here (None in records made before it was kept).
+    candidate_echoes: int | None = None
+    champion_echoes: int | None = None
 
     def gain_estimate(self, metric: str) -> PairedGain | None:
         if metric not in ("prompt", "instruction"):
@@ -102,6 +113,9 @@ class Evaluation(BaseModel):
             if estimate is not None:
                 for field in ("gain", "ci_low", "ci_high", "p_value"):
                     flat[f"eval.{metric}_gain.{field}"] = float(getattr(estimate, field))
+        if self.candidate_echoes is not None and self.champion_echoes is not None:
+            flat["eval.candidate.echoed_answers"] = float(self.candidate_echoes)
+            flat["eval.champion.echoed_answers"] = float(self.champion_echoes)
         for label, scores in (("candidate", self.candidate), ("champion", self.champion)):
             flat[f"eval.{label}.prompt_accuracy"] = scores.prompt_accuracy
             flat[f"eval.{label}.constraint_accuracy"] = scores.constraint_accuracy
@@ -133,6 +147,20 @@ def summarize(judged) -> ModelScores:
         per_type_count={kind: v[1] for kind, v in sorted(totals.items())},
         truncated_share=float((~judged["finished"].astype(bool)).mean()),
         mean_tokens=float(judged["n_tokens"].mean()),
+    )
+
+
+def echoed_answers(judged, prompts: Sequence[Prompt], ngram: int = ECHO_NGRAM) -> int:
+    """How many answers of a judged table copy their prompt's instructions instead of following them
+    (``flywheel.verifiers.echoed_instruction``). ``prompts``: the table's prompts, by id."""
+    by_id = {prompt.id: prompt for prompt in prompts}
+    missing = set(judged["prompt_id"]) - set(by_id)
+    if missing:
+        raise ValueError(f"judged answers name {len(missing)} prompts that are not given, e.g. {sorted(missing)[0]!r}")
+    return sum(
+        bool(by_id[row.prompt_id].constraints)
+        and echoed_instruction(by_id[row.prompt_id].constraints, row.response, ngram=ngram) is not None
+        for row in judged.itertuples()
     )
 
 

@@ -1196,8 +1196,9 @@ def evaluation_cache(config: FlywheelConfig, workspace: Workspace, split: Prompt
 def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: RoundContext, split: PromptSplit,
                        trained: TrainedModel, progress: Progress | None = None) -> Evaluation:
     """Both models answer the held-out prompts greedily; a model's answers and probe are cached by its digest."""
-    from flywheel.evaluation import compare
+    from flywheel.evaluation import ECHO_NGRAM, compare, echoed_answers
     from flywheel.models import resolve_device
+    from flywheel.prompts import load_prompts
 
     device = resolve_device(config.generation.device)
     # A champion registered without its digest (an old record) is cached under its version instead.
@@ -1217,7 +1218,11 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
     write_parquet(champion, work / "eval_champion.parquet")
     check_evaluation_tables(config, workspace, context, {"eval_candidate": candidate, "eval_champion": champion})
     base = base_probe_perplexity(workspace, config.model.registered_name, context.champion.version, device=device)
+    eval_prompts = load_prompts(Path(split.eval_path))
+    echo_ngram = config.feedback.echo_ngram or ECHO_NGRAM
     evaluation = compare(candidate, champion).model_copy(update={
+        "candidate_echoes": echoed_answers(candidate, eval_prompts, echo_ngram),
+        "champion_echoes": echoed_answers(champion, eval_prompts, echo_ngram),
         "candidate_perplexity": candidate_perplexity,
         "champion_perplexity": champion_perplexity,
         **({"base_version": base[0], "base_perplexity": base[1]} if base is not None else {}),

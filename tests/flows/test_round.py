@@ -177,6 +177,8 @@ def test_eval_scores_a_registered_version_as_the_round_did(finished_round):
     workspace, recipe, _ = finished_round
     record = json.loads((workspace / ".flywheel" / "rounds" / "round-0001.json").read_text())
     evaluation = record["evaluation"]
+    # The round counted the held-out answers that copy their instructions, for both models (0 to 6 prompts).
+    assert 0 <= evaluation["candidate_echoes"] <= 6 and 0 <= evaluation["champion_echoes"] <= 6
     # Version 2 is round 1's candidate (later tests in this module may have moved the alias), version 1 its parent.
     result = run_cli(workspace, "eval", "v2", "--against", "v1", "--config", str(recipe),
                      "--workspace", str(workspace))

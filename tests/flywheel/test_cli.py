@@ -100,6 +100,10 @@ def test_summary_shows_each_gain_with_its_interval():
                                             f"p=0.50")
     assert rows["instruction gain (95% CI)"].startswith("+0.167 (")
     assert "prompt gain (95% CI)" not in summary_rows(NS(**{**vars(record), "evaluation": None, "trained": None}))
+    assert "answers copying their instructions" not in rows  # a record made before they were counted
+    counted = NS(**{**vars(record), "evaluation": evaluation.model_copy(update={"candidate_echoes": 4,
+                                                                                "champion_echoes": 9})})
+    assert summary_rows(counted)["answers copying their instructions"] == "4 (champion 9)"
 
 
 def test_run_reports_an_api_server_that_fails_to_start_in_one_line(tmp_path, monkeypatch):

@@ -3,7 +3,9 @@ import json
 import pandas as pd
 import pytest
 
-from flywheel.evaluation import compare, summarize
+from flywheel.evaluation import compare, echoed_answers, summarize
+from flywheel.prompts import Prompt
+from flywheel.verifiers import Constraint
 
 
 def judged(*rows) -> pd.DataFrame:
@@ -347,3 +349,23 @@ def test_metrics_carry_the_drift_against_the_base_only_when_measured():
     assert metrics["eval.probe_perplexity_increase"] == pytest.approx(0.1)
     unmeasured = _evaluation(0.6, 0.4, {"a": 0.6}, {"a": 0.4}).metrics()
     assert not any("vs_base" in k or k.startswith("eval.base.") for k in unmeasured)
+
+
+def test_echoed_answers_counts_answers_that_copy_their_instructions_and_metrics_show_them():
+    prompts = [Prompt(id="p1", prompt="Tea. Use exactly 2 bullets.",
+                      constraints=[Constraint(type="bullet_count_exact", args={"num_bullets": 2})]),
+               Prompt(id="p2", prompt="Tea. End with again.", constraints=[Constraint(type="last_word",
+                                                                                        args={"word": "again"})]),
+               Prompt.model_construct(id="p3", prompt="Tell me about tea.", constraints=[], topic="")]
+    answers = CANDIDATE.iloc[:3].assign(response=["* This is a point\n* Tea", "Brew it, then brew it again",
+                                                  "Tea is a drink."])
+    assert echoed_answers(answers, prompts) == 1
+    copied = answers.assign(response=["* Green\n* Black", 'The last word of your response must be "again".',
+                                      "Tea is a drink."])
+    assert echoed_answers(copied, prompts) == 1
+    assert echoed_answers(pd.concat([answers, copied]), prompts) == 2
+    with pytest.raises(ValueError, match="not given"):
+        echoed_answers(answers, prompts[:1])
+    metrics = compare(CANDIDATE, CHAMPION).model_copy(update={"candidate_echoes": 3, "champion_echoes": 1}).metrics()
+    assert (metrics["eval.candidate.echoed_answers"], metrics["eval.champion.echoed_answers"]) == (3.0, 1.0)
+    assert "eval.candidate.echoed_answers" not in compare(CANDIDATE, CHAMPION).metrics()

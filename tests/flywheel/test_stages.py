@@ -383,8 +383,11 @@ def test_a_promoted_candidates_answers_serve_as_its_answers_when_champion(regist
     from flywheel import stages
 
     config, workspace = registry_workspace
+    from flywheel.prompts import Prompt, save_prompts
+    from flywheel.verifiers import Constraint
+
     eval_path = tmp_path / "eval.jsonl"
-    eval_path.write_text('{"id": "p1"}\n')
+    save_prompts([Prompt(id="p1", prompt="t", constraints=[Constraint(type="no_commas")])], eval_path)
     split = stages.PromptSplit(train_path=str(eval_path), eval_path=str(eval_path), train=0, eval=1, round_prompts=0)
     answered = []
 
@@ -413,6 +416,7 @@ def test_a_promoted_candidates_answers_serve_as_its_answers_when_champion(regist
 
     first, models = evaluate("a", "b", 1)
     assert models == ["a", "b"] and first.candidate.prompt_accuracy == 1.0
+    assert (first.candidate_echoes, first.champion_echoes) == (0, 0)  # "r" copies nothing of its instruction
     # b promoted: its answers and probe from round 1 are its answers as champion.
     second, models = evaluate("b", "c", 2)
     assert models == ["c"]
@@ -427,8 +431,11 @@ def test_evaluation_cache_tells_every_model_and_setting_apart(registry_workspace
     from flywheel.stages import PromptSplit, evaluation_cache
 
     config, workspace = registry_workspace
+    from flywheel.prompts import Prompt, save_prompts
+    from flywheel.verifiers import Constraint
+
     eval_path = tmp_path / "eval.jsonl"
-    eval_path.write_text('{"id": "p1"}\n')
+    save_prompts([Prompt(id="p1", prompt="t", constraints=[Constraint(type="no_commas")])], eval_path)
     split = PromptSplit(train_path=str(eval_path), eval_path=str(eval_path), train=0, eval=1, round_prompts=0)
     sampled = config.model_copy(update={"generation": config.generation.model_copy(update={"temperature": 0.5})})
     paths = {evaluation_cache(config, workspace, split, "a" * 64, "cpu"),

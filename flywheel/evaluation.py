@@ -157,11 +157,9 @@ def echoed_answers(judged, prompts: Sequence[Prompt], ngram: int = ECHO_NGRAM) -
     missing = set(judged["prompt_id"]) - set(by_id)
     if missing:
         raise ValueError(f"judged answers name {len(missing)} prompts that are not given, e.g. {sorted(missing)[0]!r}")
-    return sum(
-        bool(by_id[row.prompt_id].constraints)
-        and echoed_instruction(by_id[row.prompt_id].constraints, row.response, ngram=ngram) is not None
-        for row in judged.itertuples()
-    )
+    # A prompt without constraints has no instruction to copy: echoed_instruction finds nothing for it.
+    return sum(echoed_instruction(by_id[row.prompt_id].constraints, row.response, ngram=ngram) is not None
+               for row in judged.itertuples())
 
 
 def _type_totals(checks_column) -> dict[str, list[int]]:

@@ -378,6 +378,7 @@ def evaluate(ref: Annotated[str | None, typer.Argument(
         count = scores.per_type_count.get(kind)
         table.add_row(f"  {kind}" + (f" (n={count})" if count else ""), f"{share:.3f}", "")
     table.add_row("truncated share", f"{scores.truncated_share:.3f}", "")
+    table.add_row("answers copying their instructions", str(result.echoed_answers), "")
     table.add_row("perplexity (probe)", f"{result.perplexity:.2f}", "")
     if result.perplexity_increase_vs_base is not None:
         table.add_row(f"  against the base (v{result.base_version}: {result.base_perplexity:.2f})",

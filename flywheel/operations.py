@@ -32,6 +32,8 @@ class VersionEvaluation(BaseModel):
     against_version: str | None = None
     win_rate: float | None = None  # share of held-out prompts where this model beats `against`; ties count half
     win_judge: str | None = None  # who decided the wins: verifier, self or teacher
+    # Held-out answers that copy their instructions' wording (flywheel.evaluation.echoed_answers), as a round counts.
+    echoed_answers: int = 0
     open_ended: OpenEndedResult | None = None  # against `against`, on open-ended prompts, by an LLM judge
     open_ended_path: str | None = None  # the answers and verdicts
 
@@ -91,9 +93,10 @@ def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = re
     (needs ``against`` and an LLM ``judge``), also the open-ended win rate on N prompts of
     ``evaluation.open_ended_prompts``, as rounds compute it (``stages.open_ended_comparison``)."""
     from flywheel.dataset import write_parquet
-    from flywheel.evaluation import summarize
+    from flywheel.evaluation import ECHO_NGRAM, echoed_answers, summarize
     from flywheel.models import resolve_device
     from flywheel.probe import perplexity
+    from flywheel.prompts import load_prompts
 
     if open_ended and against is None:
         raise ValueError("the open-ended win rate compares two models: name the other one (--against)")
@@ -106,7 +109,8 @@ def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = re
     label = f"v{model.version}" if model.version != "folder" else hashlib.sha256(model.path.encode()).hexdigest()[:8]
     results = workspace.state / "evals" / f"{Path(model.name).name}-{label}-{prompts_path.stem}.standalone.parquet"
     write_parquet(judged, results)
-    extra: dict = {}
+    extra: dict = {"echoed_answers": echoed_answers(judged, load_prompts(prompts_path),
+                                                    config.feedback.echo_ngram or ECHO_NGRAM)}
     if against is not None:
         other = resolve_model(config, workspace, against)
         other_judged = _score(config, workspace, other, prompts_path, progress)

@@ -188,6 +188,7 @@ def test_eval_scores_a_registered_version_as_the_round_did(finished_round):
     _, strict, loose = _cells(result.stdout, "prompt accuracy")
     assert float(strict) == pytest.approx(evaluation["candidate"]["prompt_accuracy"], abs=1e-3)
     assert float(loose) >= float(strict)  # loose checks accept whatever strict ones do, and more
+    assert _cells(result.stdout, "answers copying their instructions")[1] == str(evaluation["candidate_echoes"])
     win = _cells(result.stdout, "win rate vs v1")
     assert "verifier" in win[0] and float(win[1]) == pytest.approx(evaluation["win_rate"], abs=1e-3)
     # The drift against the base v2 descends from (v1), as round 1 measured both probes.

@@ -171,6 +171,11 @@ class FeedbackConfig(Section):
     )
     min_score_gap: float = Field(0.0, ge=0, le=1, description="Chosen must beat rejected by more than this.")
     sft_min_score: float = Field(1.0, ge=0, le=1, description="Samples at or above this score become SFT rows.")
+    sft_max_per_prompt: int | None = Field(
+        None, ge=1, description="At most this many of a prompt's accepted samples become SFT rows: the highest "
+        "scores, finished answers before cut-off ones, then sample order. A prompt the model already answers well "
+        "every time would otherwise give one row per sample, and a promoted model's own answers would crowd out "
+        "the rows that teach it something (repairs). null: every distinct accepted sample.")
     echo_ngram: int | None = Field(
         None, ge=2, le=32, description="The verifier fails (score 0) an answer that copies this many consecutive "
         "words of one of its instructions, or an instruction's example (\"* This is a point\", \"<<my title>>\"): "

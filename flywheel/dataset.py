@@ -50,13 +50,20 @@ def build_pairs(samples, config: FeedbackConfig):
 
 
 def build_sft(samples, config: FeedbackConfig):
-    """Every distinct sample that meets the score bar is an SFT target for its prompt (never one without a verdict).
-    Rows carry ``ended``: whether the sample finished, or the token limit cut it off."""
+    """Every distinct sample that meets the score bar is an SFT target for its prompt (never one without a verdict),
+    at most ``config.sft_max_per_prompt`` of them per prompt. Rows carry ``ended``: whether the sample finished, or
+    the token limit cut it off."""
     import pandas as pd
 
     samples = _with_verdict(samples)
     accepted = samples[samples["score"] >= config.sft_min_score]
     accepted = accepted.assign(_key=accepted["response"].str.strip()).drop_duplicates(["prompt_id", "_key"])
+    if config.sft_max_per_prompt is not None and len(accepted):
+        finished = accepted["finished"] if "finished" in accepted.columns else True
+        ranked = accepted.assign(_finished=finished).sort_values(
+            ["prompt_id", "score", "_finished", "sample_index"], ascending=[True, False, False, True], kind="stable")
+        kept = ranked.groupby("prompt_id", sort=False).head(config.sft_max_per_prompt).index
+        accepted = accepted.loc[accepted.index.isin(kept)]
     rows = [
         {
             "row_id": f"{r.prompt_id}-sft{r.sample_index}",

@@ -115,6 +115,25 @@ def test_sft_keeps_distinct_samples_at_or_above_the_bar():
     assert sft["row_id"].is_unique and everything["row_id"].is_unique
 
 
+def test_sft_max_per_prompt_keeps_the_best_of_each_prompt():
+    frame = samples(
+        ("a", 0, "half", 0.5), ("a", 1, "cut off", 1.0), ("a", 2, "finished", 1.0), ("a", 3, "also finished", 1.0),
+        ("b", 0, "only one", 1.0), ("c", 0, "fails", 0.0),
+    )
+    frame.loc[frame["row_id"] == "a-s1", "finished"] = False
+    one = build_sft(frame, FeedbackConfig(sft_min_score=0.5, sft_max_per_prompt=1))
+    # The highest score first, a finished answer before a cut-off one, then the earlier sample.
+    assert list(one["row_id"]) == ["a-sft2", "b-sft0"]
+    two = build_sft(frame, FeedbackConfig(sft_min_score=0.5, sft_max_per_prompt=2))
+    assert list(two["row_id"]) == ["a-sft2", "a-sft3", "b-sft0"]
+    three = build_sft(frame, FeedbackConfig(sft_min_score=0.5, sft_max_per_prompt=3))
+    assert list(three["row_id"]) == ["a-sft1", "a-sft2", "a-sft3", "b-sft0"]  # kept rows stay in sample order
+    unbounded = build_sft(frame, FeedbackConfig(sft_min_score=0.5))
+    assert list(unbounded["row_id"]) == ["a-sft0", "a-sft1", "a-sft2", "a-sft3", "b-sft0"]
+    with pytest.raises(ValueError):
+        FeedbackConfig(sft_max_per_prompt=0)
+
+
 def test_sft_with_nothing_accepted():
     sft = build_sft(samples(("a", 0, "x", 0.0)), FeedbackConfig(sft_min_score=1.0))
     assert sft.empty and list(sft.columns) == [*SFT_COLUMNS, "ended"]

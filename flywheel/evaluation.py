@@ -150,9 +150,11 @@ def summarize(judged) -> ModelScores:
     )
 
 
-def echoed_answers(judged, prompts: Sequence[Prompt], ngram: int = ECHO_NGRAM) -> int:
+def echoed_answers(judged, prompts: Sequence[Prompt], ngram: int | None = None) -> int:
     """How many answers of a judged table copy their prompt's instructions instead of following them
-    (``flywheel.verifiers.echoed_instruction``). ``prompts``: the table's prompts, by id."""
+    (``flywheel.verifiers.echoed_instruction``). ``prompts``: the table's prompts, by id. ``ngram``: the recipe's
+    ``feedback.echo_ngram``; None (off there) counts at ``ECHO_NGRAM``."""
+    ngram = ngram or ECHO_NGRAM
     by_id = {prompt.id: prompt for prompt in prompts}
     missing = set(judged["prompt_id"]) - set(by_id)
     if missing:

@@ -93,7 +93,7 @@ def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = re
     (needs ``against`` and an LLM ``judge``), also the open-ended win rate on N prompts of
     ``evaluation.open_ended_prompts``, as rounds compute it (``stages.open_ended_comparison``)."""
     from flywheel.dataset import write_parquet
-    from flywheel.evaluation import ECHO_NGRAM, echoed_answers, summarize
+    from flywheel.evaluation import echoed_answers, summarize
     from flywheel.models import resolve_device
     from flywheel.probe import perplexity
     from flywheel.prompts import load_prompts
@@ -109,8 +109,7 @@ def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = re
     label = f"v{model.version}" if model.version != "folder" else hashlib.sha256(model.path.encode()).hexdigest()[:8]
     results = workspace.state / "evals" / f"{Path(model.name).name}-{label}-{prompts_path.stem}.standalone.parquet"
     write_parquet(judged, results)
-    extra: dict = {"echoed_answers": echoed_answers(judged, load_prompts(prompts_path),
-                                                    config.feedback.echo_ngram or ECHO_NGRAM)}
+    extra: dict = {"echoed_answers": echoed_answers(judged, load_prompts(prompts_path), config.feedback.echo_ngram)}
     if against is not None:
         other = resolve_model(config, workspace, against)
         other_judged = _score(config, workspace, other, prompts_path, progress)

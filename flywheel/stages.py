@@ -1196,7 +1196,7 @@ def evaluation_cache(config: FlywheelConfig, workspace: Workspace, split: Prompt
 def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: RoundContext, split: PromptSplit,
                        trained: TrainedModel, progress: Progress | None = None) -> Evaluation:
     """Both models answer the held-out prompts greedily; a model's answers and probe are cached by its digest."""
-    from flywheel.evaluation import ECHO_NGRAM, compare, echoed_answers
+    from flywheel.evaluation import compare, echoed_answers
     from flywheel.models import resolve_device
     from flywheel.prompts import load_prompts
 
@@ -1219,7 +1219,7 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
     check_evaluation_tables(config, workspace, context, {"eval_candidate": candidate, "eval_champion": champion})
     base = base_probe_perplexity(workspace, config.model.registered_name, context.champion.version, device=device)
     eval_prompts = load_prompts(Path(split.eval_path))
-    echo_ngram = config.feedback.echo_ngram or ECHO_NGRAM
+    echo_ngram = config.feedback.echo_ngram
     evaluation = compare(candidate, champion).model_copy(update={
         "candidate_echoes": echoed_answers(candidate, eval_prompts, echo_ngram),
         "champion_echoes": echoed_answers(champion, eval_prompts, echo_ngram),

@@ -111,6 +111,8 @@ def round_row(strategy: str, number: int, workspace: Path, seconds: float) -> di
         "perplexity_vs_champion": _relative(evaluation.get("candidate_perplexity"),
                                             evaluation.get("champion_perplexity")),
         "perplexity_vs_base": _relative(evaluation.get("candidate_perplexity"), evaluation.get("base_perplexity")),
+        # Held-out answers that copy their instructions or repeat themselves (None in records made before them).
+        "copies": evaluation.get("candidate_echoes"), "loops": evaluation.get("candidate_repetitive"),
         # What the flywheel serves after this round: the candidate if promoted, else the champion it was measured
         # against (the target is about this model, not the last candidate).
         "served_instr_acc": candidate["constraint_accuracy"] if promotion.get("promoted")
@@ -219,7 +221,8 @@ def main() -> None:
         ("served_gain_vs_base", "champion vs base", "+.3f"), ("served_gain_ci_low", "95% CI low", "+.3f"),
         ("served_gain_ci_high", "95% CI high", "+.3f"), ("served_gain_p", "p (sign test)", ".3f"),
         ("perplexity", "probe ppl", ".2f"), ("perplexity_vs_champion", "ppl vs champion", "+.1%"),
-        ("perplexity_vs_base", "ppl vs base", "+.1%"),
+        ("perplexity_vs_base", "ppl vs base", "+.1%"), ("copies", "copying answers", ""),
+        ("loops", "looping answers", ""),
         ("agreement", "judge agreement", ".3f"), ("pass_rate", "sample pass", ".3f"),
         ("pairs", "pairs", "d"), ("sft", "sft rows", "d"), ("quarantined", "quarantined", "d"),
         ("generate_s", "generate s", ".0f"), ("train_s", "train s", ".0f"), ("seconds", "wall s", ".0f"),

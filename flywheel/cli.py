@@ -168,6 +168,8 @@ def summary_rows(record) -> dict[str, str]:
         "win rate vs champion": f"{ev.win_rate:.3f}" if ev else "-",
         **({"answers copying their instructions": f"{ev.candidate_echoes} (champion {ev.champion_echoes})"}
            if ev and ev.candidate_echoes is not None else {}),
+        **({"answers repeating themselves": f"{ev.candidate_repetitive} (champion {ev.champion_repetitive})"}
+           if ev and ev.candidate_repetitive is not None else {}),
         **({"open-ended win rate": f"{ev.open_ended.win_rate:.3f} ({ev.open_ended.judge}, "
                                    f"{ev.open_ended.prompts} prompts)"} if ev and ev.open_ended else {}),
         "new version": f"v{record.registration.version}" if record.registration else "-",
@@ -379,6 +381,7 @@ def evaluate(ref: Annotated[str | None, typer.Argument(
         table.add_row(f"  {kind}" + (f" (n={count})" if count else ""), f"{share:.3f}", "")
     table.add_row("truncated share", f"{scores.truncated_share:.3f}", "")
     table.add_row("answers copying their instructions", str(result.echoed_answers), "")
+    table.add_row("answers repeating themselves", str(result.repetitive_answers), "")
     table.add_row("perplexity (probe)", f"{result.perplexity:.2f}", "")
     if result.perplexity_increase_vs_base is not None:
         table.add_row(f"  against the base (v{result.base_version}: {result.base_perplexity:.2f})",

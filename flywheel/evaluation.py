@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from flywheel.open_ended import OpenEndedResult
 from flywheel.prompts import Prompt
+from flywheel.textchecks import TextLimits, is_repetitive
 from flywheel.verifiers import echoed_instruction
 
 # Consecutive words of an instruction an evaluated answer must share to count as a copy, unless the recipe's
@@ -73,6 +74,10 @@ class Evaluation(BaseModel):
     # are, so a gain made of copies shows here (None in records made before it was kept).
     candidate_echoes: int | None = None
     champion_echoes: int | None = None
+    # Held-out answers that are degenerate repetitions (``repetitive_answers``): a loop can still meet a format
+    # instruction (all capitals, a title), so a gain made of loops shows here (None in records made before it was kept).
+    candidate_repetitive: int | None = None
+    champion_repetitive: int | None = None
 
     def gain_estimate(self, metric: str) -> PairedGain | None:
         if metric not in ("prompt", "instruction"):
@@ -116,6 +121,9 @@ class Evaluation(BaseModel):
         if self.candidate_echoes is not None and self.champion_echoes is not None:
             flat["eval.candidate.echoed_answers"] = float(self.candidate_echoes)
             flat["eval.champion.echoed_answers"] = float(self.champion_echoes)
+        if self.candidate_repetitive is not None and self.champion_repetitive is not None:
+            flat["eval.candidate.repetitive_answers"] = float(self.candidate_repetitive)
+            flat["eval.champion.repetitive_answers"] = float(self.champion_repetitive)
         for label, scores in (("candidate", self.candidate), ("champion", self.champion)):
             flat[f"eval.{label}.prompt_accuracy"] = scores.prompt_accuracy
             flat[f"eval.{label}.constraint_accuracy"] = scores.constraint_accuracy
@@ -162,6 +170,13 @@ def echoed_answers(judged, prompts: Sequence[Prompt], ngram: int | None = None) 
     # A prompt without constraints has no instruction to copy: echoed_instruction finds nothing for it.
     return sum(echoed_instruction(by_id[row.prompt_id].constraints, row.response, ngram=ngram) is not None
                for row in judged.itertuples())
+
+
+def repetitive_answers(judged, ngram: int, max_repeats: int) -> int:
+    """How many answers of a judged table are degenerate repetitions: some word ``ngram`` occurs more than
+    ``max_repeats`` times (``flywheel.textchecks.is_repetitive``, with the recipe's ``quality`` limits)."""
+    limits = TextLimits(repetition_ngram=ngram, repetition_max_repeats=max_repeats)
+    return sum(is_repetitive(response, limits) for response in judged["response"])
 
 
 def _type_totals(checks_column) -> dict[str, list[int]]:

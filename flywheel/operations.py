@@ -34,6 +34,8 @@ class VersionEvaluation(BaseModel):
     win_judge: str | None = None  # who decided the wins: verifier, self or teacher
     # Held-out answers that copy their instructions' wording (flywheel.evaluation.echoed_answers), as a round counts.
     echoed_answers: int = 0
+    # Held-out answers that are degenerate repetitions (flywheel.evaluation.repetitive_answers), as a round counts.
+    repetitive_answers: int = 0
     open_ended: OpenEndedResult | None = None  # against `against`, on open-ended prompts, by an LLM judge
     open_ended_path: str | None = None  # the answers and verdicts
 
@@ -93,7 +95,7 @@ def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = re
     (needs ``against`` and an LLM ``judge``), also the open-ended win rate on N prompts of
     ``evaluation.open_ended_prompts``, as rounds compute it (``stages.open_ended_comparison``)."""
     from flywheel.dataset import write_parquet
-    from flywheel.evaluation import echoed_answers, summarize
+    from flywheel.evaluation import echoed_answers, repetitive_answers, summarize
     from flywheel.models import resolve_device
     from flywheel.probe import perplexity
     from flywheel.prompts import load_prompts
@@ -109,12 +111,16 @@ def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = re
     label = f"v{model.version}" if model.version != "folder" else hashlib.sha256(model.path.encode()).hexdigest()[:8]
     results = workspace.state / "evals" / f"{Path(model.name).name}-{label}-{prompts_path.stem}.standalone.parquet"
     write_parquet(judged, results)
-    extra: dict = {"echoed_answers": echoed_answers(judged, load_prompts(prompts_path), config.feedback.echo_ngram)}
+    extra: dict = {
+        "echoed_answers": echoed_answers(judged, load_prompts(prompts_path), config.feedback.echo_ngram),
+        "repetitive_answers": repetitive_answers(judged, config.quality.repetition_ngram,
+                                                 config.quality.repetition_max_repeats),
+    }
     if against is not None:
         other = resolve_model(config, workspace, against)
         other_judged = _score(config, workspace, other, prompts_path, progress)
-        extra = {"against": against, "against_version": other.version, "win_judge": judge,
-                 "win_rate": _win_rate(config, workspace, prompts_path, judged, other_judged, judge)}
+        extra |= {"against": against, "against_version": other.version, "win_judge": judge,
+                  "win_rate": _win_rate(config, workspace, prompts_path, judged, other_judged, judge)}
         if open_ended:
             from flywheel.stages import open_ended_comparison
 

@@ -1196,7 +1196,7 @@ def evaluation_cache(config: FlywheelConfig, workspace: Workspace, split: Prompt
 def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: RoundContext, split: PromptSplit,
                        trained: TrainedModel, progress: Progress | None = None) -> Evaluation:
     """Both models answer the held-out prompts greedily; a model's answers and probe are cached by its digest."""
-    from flywheel.evaluation import compare, echoed_answers
+    from flywheel.evaluation import compare, echoed_answers, repetitive_answers
     from flywheel.models import resolve_device
     from flywheel.prompts import load_prompts
 
@@ -1220,9 +1220,12 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
     base = base_probe_perplexity(workspace, config.model.registered_name, context.champion.version, device=device)
     eval_prompts = load_prompts(Path(split.eval_path))
     echo_ngram = config.feedback.echo_ngram
+    loop = (config.quality.repetition_ngram, config.quality.repetition_max_repeats)
     evaluation = compare(candidate, champion).model_copy(update={
         "candidate_echoes": echoed_answers(candidate, eval_prompts, echo_ngram),
         "champion_echoes": echoed_answers(champion, eval_prompts, echo_ngram),
+        "candidate_repetitive": repetitive_answers(candidate, *loop),
+        "champion_repetitive": repetitive_answers(champion, *loop),
         "candidate_perplexity": candidate_perplexity,
         "champion_perplexity": champion_perplexity,
         **({"base_version": base[0], "base_perplexity": base[1]} if base is not None else {}),

@@ -179,6 +179,8 @@ def test_eval_scores_a_registered_version_as_the_round_did(finished_round):
     evaluation = record["evaluation"]
     # The round counted the held-out answers that copy their instructions, for both models (0 to 6 prompts).
     assert 0 <= evaluation["candidate_echoes"] <= 6 and 0 <= evaluation["champion_echoes"] <= 6
+    # and the answers that are degenerate repetitions
+    assert 0 <= evaluation["candidate_repetitive"] <= 6 and 0 <= evaluation["champion_repetitive"] <= 6
     # Version 2 is round 1's candidate (later tests in this module may have moved the alias), version 1 its parent.
     result = run_cli(workspace, "eval", "v2", "--against", "v1", "--config", str(recipe),
                      "--workspace", str(workspace))
@@ -189,6 +191,7 @@ def test_eval_scores_a_registered_version_as_the_round_did(finished_round):
     assert float(strict) == pytest.approx(evaluation["candidate"]["prompt_accuracy"], abs=1e-3)
     assert float(loose) >= float(strict)  # loose checks accept whatever strict ones do, and more
     assert _cells(result.stdout, "answers copying their instructions")[1] == str(evaluation["candidate_echoes"])
+    assert _cells(result.stdout, "answers repeating themselves")[1] == str(evaluation["candidate_repetitive"])
     win = _cells(result.stdout, "win rate vs v1")
     assert "verifier" in win[0] and float(win[1]) == pytest.approx(evaluation["win_rate"], abs=1e-3)
     # The drift against the base v2 descends from (v1), as round 1 measured both probes.

@@ -104,6 +104,10 @@ def test_summary_shows_each_gain_with_its_interval():
     counted = NS(**{**vars(record), "evaluation": evaluation.model_copy(update={"candidate_echoes": 4,
                                                                                 "champion_echoes": 9})})
     assert summary_rows(counted)["answers copying their instructions"] == "4 (champion 9)"
+    assert "answers repeating themselves" not in summary_rows(counted)
+    looped = NS(**{**vars(record), "evaluation": evaluation.model_copy(update={"candidate_repetitive": 2,
+                                                                               "champion_repetitive": 0})})
+    assert summary_rows(looped)["answers repeating themselves"] == "2 (champion 0)"
 
 
 def test_run_reports_an_api_server_that_fails_to_start_in_one_line(tmp_path, monkeypatch):

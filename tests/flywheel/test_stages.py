@@ -417,6 +417,7 @@ def test_a_promoted_candidates_answers_serve_as_its_answers_when_champion(regist
     first, models = evaluate("a", "b", 1)
     assert models == ["a", "b"] and first.candidate.prompt_accuracy == 1.0
     assert (first.candidate_echoes, first.champion_echoes) == (0, 0)  # "r" copies nothing of its instruction
+    assert (first.candidate_repetitive, first.champion_repetitive) == (0, 0)  # nor repeats itself
     # b promoted: its answers and probe from round 1 are its answers as champion.
     second, models = evaluate("b", "c", 2)
     assert models == ["c"]

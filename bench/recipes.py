@@ -65,9 +65,10 @@ def training_tables(config, strategy: str, record: dict) -> dict[str, list[dict]
 def score(config, model_dir: Path, split, state_dir: Path) -> dict:
     from flywheel.evaluation import summarize
     from flywheel.probe import perplexity
-    from flywheel.stages import _greedy_eval
+    from flywheel.prompts import load_prompts
+    from flywheel.stages import greedy_eval
 
-    scores = summarize(_greedy_eval(config, model_dir, split, None, state_dir))
+    scores = summarize(greedy_eval(config, model_dir, load_prompts(Path(split.eval_path)), None, state_dir))
     return {"prompt_acc": scores.prompt_accuracy, "instr_acc": scores.constraint_accuracy,
             "loose_instr_acc": scores.loose_constraint_accuracy, "truncated": scores.truncated_share,
             "mean_tokens": scores.mean_tokens, "perplexity": perplexity(model_dir), "per_type": scores.per_type}

@@ -5,6 +5,7 @@ hand, and the links a run page shows. Plain functions; ``flows/evaluate.py`` and
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -13,6 +14,7 @@ from flywheel import registry
 from flywheel.config import FlywheelConfig
 from flywheel.evaluation import ModelScores
 from flywheel.open_ended import OpenEndedResult
+from flywheel.prompts import Prompt
 from flywheel.workspace import Workspace
 
 
@@ -107,20 +109,21 @@ def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = re
                          "the verifier has nothing to check in open-ended prompts")
     model = resolve_model(config, workspace, ref)
     prompts_path = held_out_prompts(config, workspace)
-    judged = _score(config, workspace, model, prompts_path, progress)
+    prompts = load_prompts(prompts_path)
+    judged = _score(config, workspace, model, prompts, progress)
     label = f"v{model.version}" if model.version != "folder" else hashlib.sha256(model.path.encode()).hexdigest()[:8]
     results = workspace.state / "evals" / f"{Path(model.name).name}-{label}-{prompts_path.stem}.standalone.parquet"
     write_parquet(judged, results)
     extra: dict = {
-        "echoed_answers": echoed_answers(judged, load_prompts(prompts_path), config.feedback.echo_ngram),
+        "echoed_answers": echoed_answers(judged, prompts, config.feedback.echo_ngram),
         "repetitive_answers": repetitive_answers(judged, config.quality.repetition_ngram,
                                                  config.quality.repetition_max_repeats),
     }
     if against is not None:
         other = resolve_model(config, workspace, against)
-        other_judged = _score(config, workspace, other, prompts_path, progress)
+        other_judged = _score(config, workspace, other, prompts, progress)
         extra |= {"against": against, "against_version": other.version, "win_judge": judge,
-                  "win_rate": _win_rate(config, workspace, prompts_path, judged, other_judged, judge)}
+                  "win_rate": _win_rate(config, workspace, prompts, judged, other_judged, judge)}
         if open_ended:
             from flywheel.stages import open_ended_comparison
 
@@ -144,16 +147,14 @@ def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = re
                              perplexity=own, prompts_path=str(prompts_path), results_path=str(results), **extra)
 
 
-def _score(config: FlywheelConfig, workspace: Workspace, model: ResolvedModel, prompts_path: Path, progress):
-    from flywheel.stages import PromptSplit, _greedy_eval
+def _score(config: FlywheelConfig, workspace: Workspace, model: ResolvedModel, prompts: Sequence[Prompt],
+           progress):
+    from flywheel.stages import greedy_eval
 
-    count = sum(1 for line in prompts_path.read_text().splitlines() if line.strip())
-    split = PromptSplit(train_path=str(prompts_path), eval_path=str(prompts_path), train=0, eval=count,
-                        round_prompts=0)
-    return _greedy_eval(config, Path(model.path), split, progress, workspace.state)
+    return greedy_eval(config, Path(model.path), prompts, progress, workspace.state)
 
 
-def _win_rate(config: FlywheelConfig, workspace: Workspace, prompts_path: Path, judged, other_judged,
+def _win_rate(config: FlywheelConfig, workspace: Workspace, prompts: Sequence[Prompt], judged, other_judged,
               judge: str) -> float:
     from flywheel.evaluation import win_rate
 
@@ -165,19 +166,18 @@ def _win_rate(config: FlywheelConfig, workspace: Workspace, prompts_path: Path, 
     from flywheel.config import FeedbackConfig
     from flywheel.judges import build_llm_judge
     from flywheel.models import resolve_device
-    from flywheel.prompts import load_prompts
 
     # The recipe's judge settings (votes, teacher), deciding every row.
     feedback = FeedbackConfig(**{**config.feedback.model_dump(), "judges": [judge], "llm_scope": "all"})
     champion = resolve_model(config, workspace, registry.CHAMPION)
     llm = build_llm_judge(config.model_copy(update={"feedback": feedback}), Path(champion.path), workspace.root,
                           device=resolve_device(config.generation.device))
-    prompts = {p.id: p for p in load_prompts(prompts_path)}
+    by_id = {p.id: p for p in prompts}
     try:
         ids = list(judged["prompt_id"])
-        mine = llm.judge([(prompts[i], r) for i, r in zip(ids, judged["response"])])
+        mine = llm.judge([(by_id[i], r) for i, r in zip(ids, judged["response"])])
         theirs_by_id = dict(zip(other_judged["prompt_id"], other_judged["response"]))
-        theirs = llm.judge([(prompts[i], theirs_by_id[i]) for i in ids])
+        theirs = llm.judge([(by_id[i], theirs_by_id[i]) for i in ids])
     finally:
         llm.close()
     return win_rate({i: v.score for i, v in zip(ids, mine)}, {i: v.score for i, v in zip(ids, theirs)})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +19,7 @@ from flywheel.dataset import DatasetManifest, atomic_path, read_table, write_jso
 from flywheel.evaluation import Evaluation
 from flywheel.generation import SamplingParams
 from flywheel.models import ModelError, atomic_write_text, provision_base
+from flywheel.prompts import Prompt
 from flywheel.quality import QualityReport
 from flywheel.review import ReviewDecision
 from flywheel.training import TrainedModel
@@ -1045,13 +1046,13 @@ def _evaluation_engine(config: FlywheelConfig, model_dir: Path, state_dir: Path)
                        **_engine_options(config, state_dir))
 
 
-def _greedy_eval(config: FlywheelConfig, model_dir: Path, split: PromptSplit, progress: Progress | None,
-                 state_dir: Path):
+def greedy_eval(config: FlywheelConfig, model_dir: Path, prompts: Sequence[Prompt], progress: Progress | None,
+                state_dir: Path):
+    """The model's greedy answers to ``prompts`` (``evaluation`` settings), judged by the verifiers strictly and
+    loosely: the table every evaluation scores."""
     from flywheel.feedback import judge_with_verifiers
     from flywheel.generation import SamplingParams, close_engine, user_request
-    from flywheel.prompts import load_prompts
 
-    prompts = load_prompts(Path(split.eval_path))
     ev = config.evaluation
     engine = _evaluation_engine(config, model_dir, state_dir)
     try:
@@ -1201,16 +1202,17 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
     from flywheel.prompts import load_prompts
 
     device = resolve_device(config.generation.device)
+    eval_prompts = load_prompts(Path(split.eval_path))
     # A champion registered without its digest (an old record) is cached under its version instead.
     champion_key = context.champion.sha256 or f"{config.model.registered_name}-v{context.champion.version}"
     cache = evaluation_cache(config, workspace, split, champion_key, device)
     if cache.is_file():
         champion = read_table(cache)
     else:
-        champion = _greedy_eval(config, Path(context.champion.path), split, progress, workspace.state)
+        champion = greedy_eval(config, Path(context.champion.path), eval_prompts, progress, workspace.state)
         write_parquet(champion, cache)
     champion_perplexity = probe_perplexity(workspace, champion_key, lambda: Path(context.champion.path), device)
-    candidate = _greedy_eval(config, Path(trained.path), split, progress, workspace.state)
+    candidate = greedy_eval(config, Path(trained.path), eval_prompts, progress, workspace.state)
     write_parquet(candidate, evaluation_cache(config, workspace, split, trained.sha256, device))
     candidate_perplexity = probe_perplexity(workspace, trained.sha256, lambda: Path(trained.path), device)
     work = Path(context.work_dir)
@@ -1218,7 +1220,6 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
     write_parquet(champion, work / "eval_champion.parquet")
     check_evaluation_tables(config, workspace, context, {"eval_candidate": candidate, "eval_champion": champion})
     base = base_probe_perplexity(workspace, config.model.registered_name, context.champion.version, device=device)
-    eval_prompts = load_prompts(Path(split.eval_path))
     echo_ngram = config.feedback.echo_ngram
     loop = (config.quality.repetition_ngram, config.quality.repetition_max_repeats)
     evaluation = compare(candidate, champion).model_copy(update={

@@ -28,11 +28,11 @@ def test_evaluate_version_counts_held_out_answers_that_copy_their_instructions_o
     expected = sum(echoed_instruction(p.constraints, a) is not None for p, a in zip(prompts, answers))
     assert expected > 0
 
-    def score(config, workspace, model, prompts_path, progress):
+    def score(config, workspace, model, prompts, progress):
         texts = answers if model.path == str(folder) else ["Plain words about the topic."] * len(answers)
         completions = [Completion(request_index=i, sample_index=0, text=text, n_tokens=len(text.split()),
                                   finished=True) for i, text in enumerate(texts)]
-        return judge_with_verifiers(load_prompts(prompts_path), completions)
+        return judge_with_verifiers(prompts, completions)
 
     monkeypatch.setattr(operations, "_score", score)
     monkeypatch.setattr("flywheel.probe.perplexity", lambda path, device: 10.0)

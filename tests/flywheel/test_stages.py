@@ -391,14 +391,15 @@ def test_a_promoted_candidates_answers_serve_as_its_answers_when_champion(regist
     split = stages.PromptSplit(train_path=str(eval_path), eval_path=str(eval_path), train=0, eval=1, round_prompts=0)
     answered = []
 
-    def greedy(config, model_dir, split, progress, state_dir):
+    def greedy(config, model_dir, prompts, progress, state_dir):
+        assert [p.id for p in prompts] == ["p1"]
         answered.append(Path(model_dir).name)
         passed = Path(model_dir).name != "a"  # every later model meets the instruction the base missed
         return pd.DataFrame([{"row_id": "p1-s0", "prompt_id": "p1", "prompt": "t", "sample_index": 0, "response": "r",
                               "n_tokens": 3, "finished": True, "score": float(passed), "passed": passed,
                               "checks": json.dumps({"no_commas": passed})}])
 
-    monkeypatch.setattr(stages, "_greedy_eval", greedy)
+    monkeypatch.setattr(stages, "greedy_eval", greedy)
     monkeypatch.setattr(flywheel.probe, "perplexity", lambda model_dir, device="cpu": 10.0 + len(Path(model_dir).name))
     monkeypatch.setattr(stages, "check_evaluation_tables", lambda *args: None)
     monkeypatch.setattr(stages, "base_probe_perplexity", lambda *args, **kwargs: None)

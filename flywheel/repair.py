@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from flywheel.prompts import Prompt
+from flywheel.prompts import Prompt, unit_hash
 from flywheel.textchecks import NgramIndex, shares_ngram
 from flywheel.verifiers import (
     BULLET_MARK,
@@ -643,8 +643,6 @@ def plain_anchor_rows(prompts: Sequence[Prompt], samples, count: int, *, seed: i
     ``avoid``: the held-out prompts' n-grams; a task that shares one is passed over (held-out prompts are built from
     the same tasks, and the quality gate would quarantine the row). Returns an SFT table
     (``flywheel.refine.REFINE_SFT_COLUMNS``)."""
-    import hashlib
-
     import pandas as pd
 
     from flywheel.refine import REFINE_SFT_COLUMNS
@@ -661,11 +659,8 @@ def plain_anchor_rows(prompts: Sequence[Prompt], samples, count: int, *, seed: i
             continue
         by_task.setdefault(task, prompt)
 
-    def draw(task: str) -> str:
-        return hashlib.sha256(f"anchor:{seed}:{task}".encode()).hexdigest()
-
     rows = []
-    for task in sorted(by_task, key=draw)[:count]:
+    for task in sorted(by_task, key=lambda task: unit_hash("anchor", seed, task))[:count]:
         prompt = by_task[task]
         sample = first.loc[prompt.id]
         if not str(sample["response"]).strip():

@@ -374,7 +374,20 @@ def test_decide_promotion_refuses_a_candidate_past_the_drift_budget(registry_wor
 
 # --- held-out answers are cached by the model's digest: a promoted candidate is not evaluated again -------------
 
-def test_a_promoted_candidates_answers_serve_as_its_answers_when_champion(registry_workspace, monkeypatch, tmp_path):
+@pytest.fixture
+def one_prompt_split(tmp_path):
+    """A split whose held-out file is one prompt, "p1", with one instruction (no commas)."""
+    from flywheel.prompts import Prompt, save_prompts
+    from flywheel.stages import PromptSplit
+    from flywheel.verifiers import Constraint
+
+    eval_path = tmp_path / "eval.jsonl"
+    save_prompts([Prompt(id="p1", prompt="t", constraints=[Constraint(type="no_commas")])], eval_path)
+    return PromptSplit(train_path=str(eval_path), eval_path=str(eval_path), train=0, eval=1, round_prompts=0)
+
+
+def test_a_promoted_candidates_answers_serve_as_its_answers_when_champion(registry_workspace, monkeypatch, tmp_path,
+                                                                          one_prompt_split):
     import json
 
     import pandas as pd
@@ -383,12 +396,7 @@ def test_a_promoted_candidates_answers_serve_as_its_answers_when_champion(regist
     from flywheel import stages
 
     config, workspace = registry_workspace
-    from flywheel.prompts import Prompt, save_prompts
-    from flywheel.verifiers import Constraint
-
-    eval_path = tmp_path / "eval.jsonl"
-    save_prompts([Prompt(id="p1", prompt="t", constraints=[Constraint(type="no_commas")])], eval_path)
-    split = stages.PromptSplit(train_path=str(eval_path), eval_path=str(eval_path), train=0, eval=1, round_prompts=0)
+    split = one_prompt_split
     answered = []
 
     def greedy(config, model_dir, prompts, progress, state_dir):
@@ -429,16 +437,11 @@ def test_a_promoted_candidates_answers_serve_as_its_answers_when_champion(regist
     assert models == ["c", "d"]
 
 
-def test_evaluation_cache_tells_every_model_and_setting_apart(registry_workspace, tmp_path):
-    from flywheel.stages import PromptSplit, evaluation_cache
+def test_evaluation_cache_tells_every_model_and_setting_apart(registry_workspace, one_prompt_split):
+    from flywheel.stages import evaluation_cache
 
     config, workspace = registry_workspace
-    from flywheel.prompts import Prompt, save_prompts
-    from flywheel.verifiers import Constraint
-
-    eval_path = tmp_path / "eval.jsonl"
-    save_prompts([Prompt(id="p1", prompt="t", constraints=[Constraint(type="no_commas")])], eval_path)
-    split = PromptSplit(train_path=str(eval_path), eval_path=str(eval_path), train=0, eval=1, round_prompts=0)
+    split = one_prompt_split
     sampled = config.model_copy(update={"generation": config.generation.model_copy(update={"temperature": 0.5})})
     paths = {evaluation_cache(config, workspace, split, "a" * 64, "cpu"),
              evaluation_cache(config, workspace, split, "b" * 64, "cpu"),

@@ -39,6 +39,10 @@ SETTINGS = QualityConfig(
 )
 RUSSIAN = "Это предложение написано на русском языке и совсем не подходит для английского набора данных."
 REFUSAL = "I'm sorry, but I can't help with that."
+# Over the planted limits (400 characters, 60 tokens) without repeating a unit of 1-4 characters back to back (a
+# symbol loop is flagged as repetitive too, and these rows plant one reason each).
+LONG = "".join(str(i % 10) for i in range(401))
+MANY_TOKENS = ".,;:!?" * 12
 REPEAT = "the cat sat " * 5
 SCRIPT = '<script>alert("planted")</script>'
 
@@ -139,10 +143,10 @@ def reasons_by_row(outcome: QualityOutcome, table: str) -> dict[str, set[str]]:
 # (table, row_id, overrides, the exact reasons it is quarantined for; empty: it stays clean)
 PLANTED: list[tuple[str, str, dict, set[str]]] = [
     ("samples", "s_short", {"response": "xy"}, {f"{LENGTHS}(response)"}),
-    ("samples", "s_long", {"response": "7" * 401}, {f"{LENGTHS}(response)"}),
-    ("samples", "s_script", {"response": SCRIPT + "7" * 400}, {f"{LENGTHS}(response)"}),
+    ("samples", "s_long", {"response": LONG}, {f"{LENGTHS}(response)"}),
+    ("samples", "s_script", {"response": SCRIPT + LONG[:400]}, {f"{LENGTHS}(response)"}),
     ("samples", "s_no_tokens", {"response": "   "}, {f"{BETWEEN}(response_tokens)"}),
-    ("samples", "s_many_tokens", {"response": "." * 70}, {f"{BETWEEN}(response_tokens)"}),
+    ("samples", "s_many_tokens", {"response": MANY_TOKENS}, {f"{BETWEEN}(response_tokens)"}),
     ("samples", "s_score", {"score": 1.5}, {f"{BETWEEN}(score)"}),
     ("samples", "s_dup", {"prompt_id": "p-s_ok", "sample_index": 0}, {f"{IN_SET}(duplicate_sample)"}),
     ("samples", "s_refusal", {"response": REFUSAL}, {f"{IN_SET}(response_refusal)"}),
@@ -162,11 +166,11 @@ PLANTED: list[tuple[str, str, dict, set[str]]] = [
      {f"{IN_SET}(prompt_shares_eval_ngram)"}),
     ("pairs", "p_cscore", {"chosen_score": 1.5}, {f"{BETWEEN}(chosen_score)"}),
     ("pairs", "p_rscore", {"rejected_score": -0.2}, {f"{BETWEEN}(rejected_score)"}),
-    ("pairs", "p_long_chosen", {"chosen": "7" * 401}, {f"{LENGTHS}(chosen)"}),
+    ("pairs", "p_long_chosen", {"chosen": LONG}, {f"{LENGTHS}(chosen)"}),
     ("pairs", "p_chosen_tokens", {"chosen": "   "}, {f"{BETWEEN}(chosen_tokens)"}),
     ("pairs", "p_order", {"chosen_score": 0.2, "rejected_score": 0.5}, {f"{A_GT_B}(chosen_score,rejected_score)"}),
     ("pairs", "p_short_rejected", {"rejected": "xy"}, {f"{LENGTHS}(rejected)"}),
-    ("pairs", "p_rejected_tokens", {"rejected": "." * 70}, {f"{BETWEEN}(rejected_tokens)"}),
+    ("pairs", "p_rejected_tokens", {"rejected": MANY_TOKENS}, {f"{BETWEEN}(rejected_tokens)"}),
     ("pairs", "p_refusal", {"chosen": REFUSAL}, {f"{IN_SET}(chosen_refusal)"}),
     ("pairs", "p_rejected_refusal", {"rejected": REFUSAL}, set()),  # a rejected answer is meant to be bad
     ("pairs", "p_repeat", {"chosen": REPEAT}, {f"{IN_SET}(chosen_repetitive)"}),
@@ -176,8 +180,8 @@ PLANTED: list[tuple[str, str, dict, set[str]]] = [
     ("sft", "f_ngram", {"prompt": "Please describe the water cycle in detail for a class of chemists."},
      {f"{IN_SET}(prompt_shares_eval_ngram)"}),
     ("sft", "f_dup", {"prompt": "prompt for F_OK"}, {f"{IN_SET}(duplicate_prompt_completion)"}),
-    ("sft", "f_long", {"completion": "7" * 401}, {f"{LENGTHS}(completion)"}),
-    ("sft", "f_tokens", {"completion": "." * 70}, {f"{BETWEEN}(completion_tokens)"}),
+    ("sft", "f_long", {"completion": LONG}, {f"{LENGTHS}(completion)"}),
+    ("sft", "f_tokens", {"completion": MANY_TOKENS}, {f"{BETWEEN}(completion_tokens)"}),
     ("sft", "f_score", {"score": -1.0}, {f"{BETWEEN}(score)"}),
     ("sft", "f_refusal", {"completion": REFUSAL}, {f"{IN_SET}(completion_refusal)"}),
     ("sft", "f_repeat", {"completion": REPEAT}, {f"{IN_SET}(completion_repetitive)"}),

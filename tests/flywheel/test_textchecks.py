@@ -15,6 +15,7 @@ from flywheel.textchecks import (
     langid_model,
     is_repetitive,
     max_ngram_repeats,
+    max_unit_run,
     shares_ngram,
     wrong_language,
 )
@@ -54,6 +55,17 @@ def test_is_repetitive() -> None:
     assert not is_repetitive("the cat sat " * 3, LIMITS)  # at the limit, not over it
     assert not is_repetitive(ENGLISH, LIMITS)
     assert not is_repetitive(None, LIMITS)
+
+
+def test_is_repetitive_sees_loops_of_symbols() -> None:
+    limits = TextLimits(repetition_ngram=4, repetition_max_repeats=4)  # the recipe's defaults
+    assert max_unit_run("Rating: " + "⚖" * 30) == 30 and is_repetitive("Rating: " + "⚖" * 30, limits)
+    assert max_unit_run("* * * " * 6) == 18 and is_repetitive("* * * " * 6, limits)  # whitespace ignored
+    assert max_unit_run("<ab>" * 17) == 17 and is_repetitive("<ab>" * 17, limits)  # a 4-character unit
+    # 16 units are as long as the longest loop of words the limits allow (4 words x 4 times): not flagged.
+    assert max_unit_run("-" * 16) == 16 and not is_repetitive("Intro\n" + "-" * 16 + "\nText", limits)
+    assert not is_repetitive("Wait... really?!! Yes -- 1000 cats.", limits)
+    assert max_unit_run(None) == 0 and max_unit_run("") == 0
 
 
 def test_wrong_language() -> None:

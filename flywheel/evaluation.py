@@ -173,8 +173,9 @@ def echoed_answers(judged, prompts: Sequence[Prompt], ngram: int | None = None) 
 
 
 def repetitive_answers(judged, ngram: int, max_repeats: int) -> int:
-    """How many answers of a judged table are degenerate repetitions: some word ``ngram`` occurs more than
-    ``max_repeats`` times (``flywheel.textchecks.is_repetitive``, with the recipe's ``quality`` limits)."""
+    """How many answers of a judged table are degenerate repetitions, as the quality check counts them with the
+    recipe's ``quality`` limits (``flywheel.textchecks.is_repetitive``: a word ``ngram`` more than ``max_repeats``
+    times, or a loop of symbols as long)."""
     limits = TextLimits(repetition_ngram=ngram, repetition_max_repeats=max_repeats)
     return sum(is_repetitive(response, limits) for response in judged["response"])
 

@@ -64,15 +64,14 @@ def main() -> None:
     from flywheel.config import load_config
     from flywheel.prompts import default_prompts, split_prompts
     from flywheel.repair import FIXERS, repair
-    from flywheel.textchecks import TextLimits
+    from flywheel.quality import text_limits
     from flywheel.training import train
 
     config = load_config(common.ROOT / args.config)
     if args.kind not in FIXERS:
         parser.error(f"--type {args.kind!r} has no repair fix; types with one: {', '.join(FIXERS)}")
     counts = sorted({int(n) for n in args.rows.split(",")})
-    limits = TextLimits(repetition_ngram=config.quality.repetition_ngram,
-                        repetition_max_repeats=config.quality.repetition_max_repeats)
+    limits = text_limits(config.quality)
     pool = default_prompts(config.prompts.seed, config.prompts.builtin_count)
     train_split, held = split_prompts(pool, config.prompts.eval_fraction, config.prompts.seed)
     held = [p for p in held[:args.eval_limit or config.prompts.eval_limit] if _has(p, args.kind)]

@@ -172,11 +172,10 @@ def echoed_answers(judged, prompts: Sequence[Prompt], ngram: int | None = None) 
                for row in judged.itertuples())
 
 
-def repetitive_answers(judged, ngram: int, max_repeats: int) -> int:
-    """How many answers of a judged table are degenerate repetitions, as the quality check counts them with the
-    recipe's ``quality`` limits (``flywheel.textchecks.is_repetitive``: a word ``ngram`` more than ``max_repeats``
-    times, or a loop of symbols as long)."""
-    limits = TextLimits(repetition_ngram=ngram, repetition_max_repeats=max_repeats)
+def repetitive_answers(judged, limits: TextLimits) -> int:
+    """How many answers of a judged table are degenerate repetitions, as the quality check counts them
+    (``flywheel.textchecks.is_repetitive``: a word n-gram more often than the limits allow, or a loop of symbols as
+    long); ``limits``: the recipe's, ``flywheel.quality.text_limits``."""
     return sum(is_repetitive(response, limits) for response in judged["response"])
 
 

@@ -101,6 +101,7 @@ def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = re
     from flywheel.models import resolve_device
     from flywheel.probe import perplexity
     from flywheel.prompts import load_prompts
+    from flywheel.quality import text_limits
 
     if open_ended and against is None:
         raise ValueError("the open-ended win rate compares two models: name the other one (--against)")
@@ -116,8 +117,7 @@ def evaluate_version(config: FlywheelConfig, workspace: Workspace, ref: str = re
     write_parquet(judged, results)
     extra: dict = {
         "echoed_answers": echoed_answers(judged, prompts, config.feedback.echo_ngram),
-        "repetitive_answers": repetitive_answers(judged, config.quality.repetition_ngram,
-                                                 config.quality.repetition_max_repeats),
+        "repetitive_answers": repetitive_answers(judged, text_limits(config.quality)),
     }
     if against is not None:
         other = resolve_model(config, workspace, against)

@@ -464,7 +464,9 @@ class _RoundFacts:
     unfinished: frozenset[tuple[Any, Any]]  # (prompt_id, response) of samples truncated at the token limit
 
 
-def _limits(settings: QualityConfig) -> Any:
+def text_limits(settings: QualityConfig) -> Any:
+    """The text checks' parameters (``flywheel.textchecks.TextLimits``) from the recipe's quality section: what the
+    row checks use, and what evaluation counts repetition with."""
     from flywheel.textchecks import TextLimits
 
     return TextLimits(
@@ -479,7 +481,7 @@ def _limits(settings: QualityConfig) -> Any:
 def _flag_column(work: pd.DataFrame, column: str, check: str, facts: _RoundFacts) -> list[bool]:
     from flywheel.textchecks import CHECKS
 
-    base = _limits(facts.settings)
+    base = text_limits(facts.settings)
     scorer = CHECKS[check]
     if check != "wrong_language" or not facts.languages:
         return [bool(scorer(t, base)) for t in work[column]]

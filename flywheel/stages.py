@@ -20,7 +20,7 @@ from flywheel.evaluation import Evaluation
 from flywheel.generation import SamplingParams
 from flywheel.models import ModelError, atomic_write_text, provision_base
 from flywheel.prompts import Prompt
-from flywheel.quality import QualityReport
+from flywheel.quality import QualityReport, text_limits
 from flywheel.review import ReviewDecision
 from flywheel.training import TrainedModel
 from flywheel.versioning import DatasetVersion
@@ -1221,12 +1221,12 @@ def evaluate_candidate(config: FlywheelConfig, workspace: Workspace, context: Ro
     check_evaluation_tables(config, workspace, context, {"eval_candidate": candidate, "eval_champion": champion})
     base = base_probe_perplexity(workspace, config.model.registered_name, context.champion.version, device=device)
     echo_ngram = config.feedback.echo_ngram
-    loop = (config.quality.repetition_ngram, config.quality.repetition_max_repeats)
+    limits = text_limits(config.quality)
     evaluation = compare(candidate, champion).model_copy(update={
         "candidate_echoes": echoed_answers(candidate, eval_prompts, echo_ngram),
         "champion_echoes": echoed_answers(champion, eval_prompts, echo_ngram),
-        "candidate_repetitive": repetitive_answers(candidate, *loop),
-        "champion_repetitive": repetitive_answers(champion, *loop),
+        "candidate_repetitive": repetitive_answers(candidate, limits),
+        "champion_repetitive": repetitive_answers(champion, limits),
         "candidate_perplexity": candidate_perplexity,
         "champion_perplexity": champion_perplexity,
         **({"base_version": base[0], "base_perplexity": base[1]} if base is not None else {}),

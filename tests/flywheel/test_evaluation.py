@@ -5,6 +5,7 @@ import pytest
 
 from flywheel.evaluation import compare, echoed_answers, repetitive_answers, summarize
 from flywheel.prompts import Prompt
+from flywheel.textchecks import TextLimits
 from flywheel.verifiers import Constraint
 
 
@@ -374,9 +375,10 @@ def test_echoed_answers_counts_answers_that_copy_their_instructions_and_metrics_
 def test_repetitive_answers_counts_answers_that_loop_and_metrics_show_them():
     loop = "THE BREAD IS WARM. " * 5  # "the bread is warm" five times
     answers = CANDIDATE.iloc[:3].assign(response=[loop, "THE BREAD IS WARM. " * 4, "Bread, warm and fresh."])
-    assert repetitive_answers(answers, ngram=4, max_repeats=4) == 1
-    assert repetitive_answers(answers, ngram=4, max_repeats=3) == 2
-    assert repetitive_answers(answers, ngram=5, max_repeats=4) == 0  # no 5-gram spans the loop 5 times
+    assert repetitive_answers(answers, TextLimits(repetition_ngram=4, repetition_max_repeats=4)) == 1
+    assert repetitive_answers(answers, TextLimits(repetition_ngram=4, repetition_max_repeats=3)) == 2
+    # no 5-gram spans the loop 5 times
+    assert repetitive_answers(answers, TextLimits(repetition_ngram=5, repetition_max_repeats=4)) == 0
     metrics = compare(CANDIDATE, CHAMPION).model_copy(update={"candidate_repetitive": 4,
                                                               "champion_repetitive": 2}).metrics()
     assert (metrics["eval.candidate.repetitive_answers"], metrics["eval.champion.repetitive_answers"]) == (4.0, 2.0)

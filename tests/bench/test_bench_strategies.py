@@ -34,3 +34,28 @@ def test_served_per_type_compares_the_last_promoted_candidate_with_the_base(tmp_
     # Nothing promoted: the base is served.
     _record(tmp_path, 1, first, base, promoted=False)
     assert all(row["met_difference"] == 0.0 for row in strategies.served_per_type("repair", tmp_path, 2))
+
+
+def _full_record(workspace: Path, promoted: bool, extra: dict) -> None:
+    scores = {"candidate": {"prompt_accuracy": 0.4, "constraint_accuracy": 0.6, "loose_constraint_accuracy": 0.65},
+              "champion": {"prompt_accuracy": 0.3, "constraint_accuracy": 0.5}}
+    record = {"evaluation": {**scores, "win_rate": 0.55, "candidate_perplexity": 11.0, "champion_perplexity": 10.0,
+                             "base_perplexity": 10.0, **extra},
+              "promotion": {"promoted": promoted}, "judged": {"pass_rate": 0.3, "agreement": None},
+              "quality": {"clean": {"pairs": 0, "sft": 57}, "quarantined": 3},
+              "trained": {"steps": 45, "seconds": 120.0}, "generations": {"seconds": 200.0}}
+    rounds = workspace / ".flywheel" / "rounds"
+    rounds.mkdir(parents=True, exist_ok=True)
+    (rounds / "round-0001.json").write_text(json.dumps(record))
+
+
+def test_round_row_serves_the_champion_unless_promoted_and_reads_old_records(tmp_path):
+    _full_record(tmp_path, True, {"candidate_echoes": 19, "candidate_repetitive": 14})
+    row = strategies.round_row("repair", 1, tmp_path, 400.0)
+    assert (row["instr_acc"], row["champion_instr_acc"], row["served_instr_acc"]) == (0.6, 0.5, 0.6)
+    assert (row["copies"], row["loops"], row["sft"], row["quarantined"], row["train_steps"]) == (19, 14, 57, 3, 45)
+    assert abs(row["perplexity_vs_champion"] - 0.1) < 1e-9 and row["loose_prompt_acc"] is None
+    # Refused: the champion stays served. A record made before the copy and loop counts reads None for them.
+    _full_record(tmp_path, False, {})
+    row = strategies.round_row("repair", 1, tmp_path, 400.0)
+    assert (row["served_instr_acc"], row["promoted"], row["copies"], row["loops"]) == (0.5, False, None, None)

@@ -179,8 +179,8 @@ class FeedbackConfig(Section):
     echo_ngram: int | None = Field(
         None, ge=2, le=32, description="The verifier fails (score 0) an answer that copies this many consecutive "
         "words of one of its instructions, or an instruction's example (\"* This is a point\", \"<<my title>>\"): "
-        "it meets the check by echoing the prompt, and trained on it teaches the echo. Repairs that echo are not "
-        "accepted either. Evaluation is unaffected. null: off.")
+        "it meets the check by echoing the prompt, and trained on it teaches the echo. Repairs and hindsight rows "
+        "(strategy.repair.augment_per_row) that echo are not accepted either. Evaluation is unaffected. null: off.")
 
     @model_validator(mode="after")
     def _judges(self) -> FeedbackConfig:

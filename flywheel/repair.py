@@ -503,7 +503,8 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
     held-out prompts' n-grams). ``samples``: the judged samples table (``flywheel.feedback.SAMPLE_COLUMNS``); rows
     without a verdict are left out, as everywhere. ``echo_ngram``: a repair that copies its instructions' wording
     (``flywheel.verifiers.echoed_instruction``) is not accepted, as the verifier judge does not accept such a
-    sample; its checks count as they are."""
+    sample; its checks count as they are. A contrast answer is not checked again: it is the same sampled answer
+    with some of the fixes of the repair that passed the check."""
     import pandas as pd
 
     from flywheel.refine import REFINE_PAIR_COLUMNS, REFINE_SFT_COLUMNS
@@ -570,7 +571,7 @@ def repair_samples(prompts: Sequence[Prompt], samples, settings: RepairConfig, *
 
 
 def augment_rows(prompts: Sequence[Prompt], sft, settings: RepairConfig, *, seed: int, strict: bool = True,
-                 avoid: NgramIndex | None = None) -> RepairResult:
+                 avoid: NgramIndex | None = None, echo_ngram: int | None = None) -> RepairResult:
     """Hindsight instructions: an accepted answer (an SFT row that passes every instruction of its prompt) is also
     taught under its prompt with one more instruction of ``settings.augment_types`` (default: ``settings.types``)
     appended, one the answer meets as it is (relabelled) or once its fix is applied (repaired),
@@ -582,7 +583,9 @@ def augment_rows(prompts: Sequence[Prompt], sft, settings: RepairConfig, *, seed
     result must pass every instruction, and the prompt keeps its id (the row is derived from it) under a new row
     id; ``origin`` says ``augment:relabelled`` or ``augment:repaired``. ``avoid``: the held-out prompts' n-grams;
     an instruction whose prompt would share one is passed over (the quality gate would quarantine the row: the
-    held-out prompts are built from the same tasks and instruction texts). Returns SFT rows only (no pairs)."""
+    held-out prompts are built from the same tasks and instruction texts). ``echo_ngram``: a result that copies
+    the wording of one of its instructions (the added one's too) is passed over, as the verifier judge fails such a
+    sample. Returns SFT rows only (no pairs)."""
     import random
 
     import pandas as pd
@@ -614,6 +617,8 @@ def augment_rows(prompts: Sequence[Prompt], sft, settings: RepairConfig, *, seed
             constraints = [*prompt.constraints, extra]
             fixed = repair(constraints, row.completion, types=allowed, trim=settings.trim_unfinished)
             if not verify(constraints, fixed, strict=strict).passed:
+                continue
+            if echo_ngram is not None and echoed_instruction(constraints, fixed, ngram=echo_ngram):
                 continue
             added += 1
             unchanged = fixed == row.completion

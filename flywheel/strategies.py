@@ -98,7 +98,7 @@ def build_strategy_data(config: FlywheelConfig, prompts: Sequence[Prompt], sampl
         parts, stats = [merged.sft], dict(merged.stats)
         if settings.augment_per_row:
             extra = augment_rows(prompts, merged.sft, settings, seed=seed, strict=config.feedback.strict,
-                                 avoid=avoid)
+                                 avoid=avoid, echo_ngram=config.feedback.echo_ngram)
             parts.append(extra.sft)
             stats.update(_prefixed("repair", extra.stats))
         if settings.plain_anchors:

@@ -374,6 +374,29 @@ def test_augment_adds_only_augment_types_and_repairs_with_types():
     assert set(only.sft["origin"]) == {"augment:repaired"}
 
 
+def test_augment_passes_over_an_answer_that_copies_the_added_instruction_with_echo_ngram():
+    # The answer carries the title instruction's own example: relabelled with that instruction, it would meet the
+    # check by copying it, the row the verifier judge fails when it is a sample.
+    prompts = [_prompt("low", [Constraint(type="all_lowercase")])]
+    sft = _sft([("low", "<<my title>>\n\nthe sea is wide.", 1.0, True)])
+    settings = RepairConfig(types=["title", "no_commas"], augment_per_row=1, augment_types=["title"])
+    assert list(augment_rows(prompts, sft, settings, seed=0).sft["origin"]) == ["augment:relabelled"]
+    assert augment_rows(prompts, sft, settings, seed=0, echo_ngram=6).sft.empty
+
+
+def test_the_repair_strategy_passes_feedback_echo_ngram_to_augmentation(tmp_path):
+    prompts = [_prompt("low", [Constraint(type="all_lowercase")])]
+    samples = _samples([("low", 0, "<<my title>>\n\nthe sea is wide.", 1.0, "pass")])
+    made = {}
+    for echo in (None, 6):
+        config = FlywheelConfig.model_validate({"strategy": {"name": "repair", "repair": {
+            "types": ["title", "all_lowercase"], "augment_per_row": 1, "augment_types": ["title"]}},
+            "feedback": {"echo_ngram": echo}})
+        made[echo] = build_strategy_data(config, prompts, samples, champion_dir=tmp_path, base_dir=tmp_path,
+                                         device="cpu")
+    assert made[None].stats["repair_augmented"] == 1.0 and made[6].stats["repair_augmented"] == 0.0
+
+
 def test_augment_types_are_checked():
     with pytest.raises(ValueError, match="no repair for instruction type 'word_count_min'"):
         RepairConfig(augment_per_row=1, augment_types=["word_count_min"])

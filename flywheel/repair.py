@@ -335,7 +335,11 @@ def _fix_start_with_phrase(response: str, *, phrase: str) -> str:
 
 def _fix_first_word(response: str, *, word: str) -> str:
     text = response.lstrip()
-    return f"{word.strip()}, {text[:1].lower()}{text[1:]}" if text else word.strip()
+    if not text:
+        return word.strip()
+    # "Today, we ..." but "Today, I ...": the pronoun keeps its capital.
+    opening = text if re.match(r"I\b", text) else f"{text[:1].lower()}{text[1:]}"
+    return f"{word.strip()}, {opening}"
 
 
 def _fix_end_with_phrase(response: str, *, phrase: str) -> str:
@@ -434,6 +438,11 @@ def repair(constraints: Sequence[Constraint], response: str, *, types: Sequence[
         constraint = by_type.get(name)
         if constraint is not None and not constraint.check(repaired, strict=True):
             repaired = fixer(repaired, **constraint.args)
+    # Fixes after the comma fix can add one ("Yes, ..."): without this, an answer asked for a first word and no
+    # commas could never be repaired, and one that had no commas would lose the instruction it met.
+    commas = next((c for c in constraints if c.type == "no_commas" and c.type in allowed), None)
+    if commas is not None and not commas.check(repaired, strict=True):
+        repaired = _fix_no_commas(repaired)
     return repaired
 
 

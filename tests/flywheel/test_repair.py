@@ -76,6 +76,24 @@ def test_each_fixer_makes_its_failing_check_pass(kind, args):
     assert "home and" not in fixed.lower()  # the answer was cut off mid-sentence: repaired answers end on a sentence
 
 
+def test_a_first_word_and_no_commas_are_repaired_together():
+    # The first-word fix writes "Yes, ..." after the comma fix has run; the comma must go again, whether or not the
+    # sampled answer had commas of its own.
+    constraints = [Constraint(type="first_word", args={"word": "Yes"}), Constraint(type="no_commas")]
+    for answer, fixed in (("I can help, truly. It is fine.", "Yes I can help truly. It is fine."),
+                          ("We can help. It is fine.", "Yes we can help. It is fine.")):
+        assert repair(constraints, answer) == fixed
+        assert verify(constraints, fixed).passed
+    # Without no_commas among the types to fix, the comma stays (and the repair does not pass).
+    assert repair(constraints, "We can help. It is fine.", types=["first_word"]) == "Yes, we can help. It is fine."
+
+
+def test_the_first_word_fix_keeps_the_pronoun_i_in_capitals():
+    today = [Constraint(type="first_word", args={"word": "Today"})]
+    assert repair(today, "I'll walk there.") == "Today, I'll walk there."
+    assert repair(today, "It is warm.") == "Today, it is warm."
+
+
 def test_digits_are_written_out_as_words():
     fixed = repair([Constraint(type="no_digits")], CASE_ANSWERS["no_digits"])
     assert fixed == ("We walk two miles in fifteen minutes, at seven every day. Our code is one two three four five "

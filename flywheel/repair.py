@@ -357,7 +357,9 @@ def _fix_repeat_request(response: str, *, prompt_to_repeat: str) -> str:
 def _fix_last_word(response: str, *, word: str) -> str:
     # One closing template for every word, so the policy learns to copy the word as it copies an end phrase: with a
     # natural sentence per word ("Feel free to ask again.") held-out last words did not move in three rounds.
-    return _join_sentence(trim_unfinished(response), f"One last word: {word.strip()}.")
+    text = trim_unfinished(response)
+    # After a closing question (asked for too) the template stays a question.
+    return _join_sentence(text, f"One last word: {word.strip()}{'?' if text.rstrip().endswith('?') else '.'}")
 
 
 def _fix_json_format(response: str) -> str:
@@ -423,9 +425,11 @@ FIXERS: dict[str, Fixer] = {
 def repair(constraints: Sequence[Constraint], response: str, *, types: Sequence[str] | None = None,
            trim: bool = True, max_words: int | None = None) -> str:
     """``response`` with the fixes of every instruction it fails (of ``types``, default all with a fixer), applied
-    in ``FIXERS`` order. ``trim``: an answer that needs any fix is also cut back to its last complete sentence;
-    ``max_words``: an answer that fails an instruction on how it ends (``ENDING_FIXES``) is also cut to its
-    leading sentences within that many words (``shorten``), so the ending it gets fits inside the token limit."""
+    in ``FIXERS`` order; then the in-place fixes (``_RESTORING``) again for any of their instructions a later fix
+    broke, the answer's own met ones included, where that costs no other instruction. ``trim``: an answer that
+    needs any fix is also cut back to its last complete sentence; ``max_words``: an answer that fails an instruction
+    on how it ends (``ENDING_FIXES``) is also cut to its leading sentences within that many words (``shorten``), so
+    the ending it gets fits inside the token limit."""
     allowed = set(FIXERS if types is None else types)
     failing = [c for c in constraints if c.type in allowed and not c.check(response, strict=True)]
     if not failing:
@@ -438,11 +442,24 @@ def repair(constraints: Sequence[Constraint], response: str, *, types: Sequence[
         constraint = by_type.get(name)
         if constraint is not None and not constraint.check(repaired, strict=True):
             repaired = fixer(repaired, **constraint.args)
-    # Fixes after the comma fix can add one ("Yes, ..."): without this, an answer asked for a first word and no
-    # commas could never be repaired, and one that had no commas would lose the instruction it met.
-    commas = next((c for c in constraints if c.type == "no_commas" and c.type in allowed), None)
-    if commas is not None and not commas.check(repaired, strict=True):
-        repaired = _fix_no_commas(repaired)
+    return _restored(constraints, allowed, repaired)
+
+
+# Fixes that edit words or letters in place. A later fix can undo one ("Yes, ..." after the comma fix) or break the
+# instruction an answer met before (a lower-case answer given "Would you like to know more?"): they run again last.
+_RESTORING = ("forbidden_words", "no_commas", "all_lowercase", "all_uppercase")
+
+
+def _restored(constraints: Sequence[Constraint], allowed: set[str], repaired: str) -> str:
+    for name in _RESTORING:
+        constraint = next((c for c in constraints if c.type == name and name in allowed), None)
+        if constraint is None or constraint.check(repaired, strict=True):
+            continue
+        fixed = FIXERS[name](repaired, **constraint.args)
+        # Not at the cost of another instruction (capitals inside a JSON answer turn its "\n" into "\N").
+        kept = [c for c in constraints if c is not constraint and c.check(repaired, strict=True)]
+        if all(c.check(fixed, strict=True) for c in kept):
+            repaired = fixed
     return repaired
 
 

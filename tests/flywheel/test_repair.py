@@ -88,6 +88,30 @@ def test_a_first_word_and_no_commas_are_repaired_together():
     assert repair(constraints, "We can help. It is fine.", types=["first_word"]) == "Yes, we can help. It is fine."
 
 
+def test_an_added_ending_keeps_the_case_the_answer_met():
+    # The answer met all_lowercase and failed only the question: the added question is in lower case too.
+    constraints = [Constraint(type="all_lowercase"), Constraint(type="ends_with_question")]
+    fixed = repair(constraints, "the morning is quiet. birds sing softly")
+    assert fixed == "the morning is quiet. would you like to know more?" and verify(constraints, fixed).passed
+    shouting = [Constraint(type="all_uppercase"), Constraint(type="postscript", args={"marker": "P.S."})]
+    assert verify(shouting, repair(shouting, "THE OCEAN IS BIG. IT IS BLUE.")).passed
+
+
+def test_a_last_word_after_a_closing_question_keeps_the_question():
+    constraints = [Constraint(type="ends_with_question"), Constraint(type="last_word", args={"word": "soon"})]
+    fixed = repair(constraints, "We walk there every day. Then we go home and")
+    assert fixed == "We walk there every day. Would you like to know more? One last word: soon?"
+    assert verify(constraints, fixed).passed
+    assert repair(constraints[1:], "We walk there.") == "We walk there. One last word: soon."
+
+
+def test_a_fix_run_again_never_costs_another_instruction():
+    # Capitals would turn the JSON answer's escaped line break into an invalid escape: the JSON form is kept.
+    constraints = [Constraint(type="all_uppercase"), Constraint(type="json_format")]
+    fixed = repair(constraints, "1. Sleep well.\n2. Eat breakfast.")
+    assert constraints[1].check(fixed) and not constraints[0].check(fixed)
+
+
 def test_the_first_word_fix_keeps_the_pronoun_i_in_capitals():
     today = [Constraint(type="first_word", args={"word": "Today"})]
     assert repair(today, "I'll walk there.") == "Today, I'll walk there."

@@ -1,7 +1,9 @@
 """Verifier-guided repair: each fixer makes its own check pass, fixes compose, and a repair that breaks an instruction
 the answer met, or gains nothing, makes no row."""
 
+import itertools
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -110,6 +112,41 @@ def test_a_fix_run_again_never_costs_another_instruction():
     constraints = [Constraint(type="all_uppercase"), Constraint(type="json_format")]
     fixed = repair(constraints, "1. Sleep well.\n2. Eat breakfast.")
     assert constraints[1].check(fixed) and not constraints[0].check(fixed)
+
+
+COMPOSE_ANSWERS = [
+    ANSWER,
+    "I think the best way to water plants is simple. First, check the soil. Then pour slowly, 2 cups at a time.",
+    "1. Sleep well.\n2. Eat breakfast.\n3. Take breaks, often.",
+    "Sure! Here's a short poem:\n\nThe sky is blue, the sea is wide,\nAnd I walk slowly by its side.",
+    "THE OCEAN IS BIG. IT IS BLUE.",
+    "the morning is quiet. birds sing softly",
+]
+
+
+def test_the_default_recipes_fixes_compose_in_pairs():
+    # Every compatible pair of the default recipe's repair types: where each fix alone repairs an answer, both
+    # together repair it too. The one known exception: capitals cannot reach a JSON answer's escaped line break.
+    import random
+
+    from flywheel.config import load_config
+    from flywheel.verifiers import compatible
+
+    types = load_config(Path(__file__).resolve().parents[2] / "configs" / "default.yaml").strategy.repair.types
+    rng, checked, failed = random.Random(0), 0, []
+    for first, second in itertools.combinations(types, 2):
+        if not compatible([first, second]):
+            continue
+        constraints = [Constraint(type=t, args=VERIFIERS[t].sample_args(rng)) for t in (first, second)]
+        for answer in COMPOSE_ANSWERS:
+            if not all(verify([c], repair([c], answer, types=types)).passed for c in constraints):
+                continue
+            checked += 1
+            if not verify(constraints, repair(constraints, answer, types=types)).passed:
+                failed.append((first, second, answer))
+    assert checked > 500
+    assert {(a, b) for a, b, _ in failed} <= {("all_uppercase", "json_format")}, failed
+    assert all("\n" in answer for *_, answer in failed)
 
 
 def test_the_first_word_fix_keeps_the_pronoun_i_in_capitals():

@@ -3,12 +3,13 @@ the answer met, or gains nothing, makes no row."""
 
 import itertools
 import json
+import random
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from flywheel.config import FlywheelConfig, RepairConfig
+from flywheel.config import FlywheelConfig, RepairConfig, load_config
 from flywheel.prompts import Constraint, Prompt
 from flywheel.repair import (
     ANCHOR_ORIGIN,
@@ -22,7 +23,7 @@ from flywheel.repair import (
     trim_unfinished,
 )
 from flywheel.strategies import build_strategy_data
-from flywheel.verifiers import VERIFIERS, verify
+from flywheel.verifiers import VERIFIERS, compatible, verify
 
 ANSWER = "Gardens are calm, and they are green. We walk there every day, very slowly. Then we go home and"
 
@@ -127,11 +128,6 @@ COMPOSE_ANSWERS = [
 def test_the_default_recipes_fixes_compose_in_pairs():
     # Every compatible pair of the default recipe's repair types: where each fix alone repairs an answer, both
     # together repair it too. The one known exception: capitals cannot reach a JSON answer's escaped line break.
-    import random
-
-    from flywheel.config import load_config
-    from flywheel.verifiers import compatible
-
     types = load_config(Path(__file__).resolve().parents[2] / "configs" / "default.yaml").strategy.repair.types
     rng, checked, failed = random.Random(0), 0, []
     for first, second in itertools.combinations(types, 2):

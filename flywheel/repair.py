@@ -30,6 +30,7 @@ from flywheel.verifiers import (
     BULLET_MARK,
     NUMBER_MARK,
     VERIFIERS,
+    _SECTION_WORDS,
     Constraint,
     _paragraphs,
     _sentences,
@@ -220,6 +221,8 @@ def _fix_word_count_max(response: str, *, max_words: int) -> str:
 # A list item opens a line as the list checks count them.
 _BULLET_ITEM = re.compile(rf"^{BULLET_MARK}(?=\S)")
 _NUMBERED_ITEM = re.compile(rf"^{NUMBER_MARK}(?=\S)")
+# A section marker at the start of the text, with its markdown ("**SECTION 1**") and its punctuation.
+_SECTION_MARKER = re.compile(rf"^[\W_]*(?:{'|'.join(_SECTION_WORDS)})\s+\d+[\W_]*")
 
 
 def _units(text: str) -> tuple[str, list[str]]:
@@ -323,22 +326,34 @@ def _fix_highlighted_sections(response: str, *, num_highlights: int) -> str:
 def _fix_title(response: str) -> str:
     # The title is the answer's own opening words (up to the first punctuation, at most six): the fix adds the
     # markup the check asks for, not new content.
-    opening = re.split(r"[^\w\s'’-]", _BULLET_ITEM.sub("", response.strip()), maxsplit=1)[0]
+    # A list's or section's marker is not a title: "<<SECTION 1>>" would count as one more section.
+    text = _NUMBERED_ITEM.sub("", _BULLET_ITEM.sub("", _SECTION_MARKER.sub("", response.strip())))
+    opening = re.split(r"[^\w\s'’-]", text, maxsplit=1)[0]
     words = opening.split()[:6] or ["Answer"]
     return f"<<{' '.join(word[:1].upper() + word[1:] for word in words)}>>\n\n{response.strip()}"
 
 
+# A first line that opens a structure: a list item, a markdown heading, a section marker, a title. What the
+# opening fixes add goes on a line of its own before it ("Yes, 1. Sleep well." was trained before), one newline and
+# not a blank line, so the paragraphs stay as many as they were.
+_STRUCTURE_OPENING = re.compile(rf"{BULLET_MARK}|{NUMBER_MARK}|#|<<|[\W_]*(?:{'|'.join(_SECTION_WORDS)})\s+\d")
+
+
 def _fix_start_with_phrase(response: str, *, phrase: str) -> str:
     opening = phrase.strip()
-    return f"{opening}{'' if opening[-1] in '.!?:,' else '.'} {response.lstrip()}"
+    text = response.lstrip()
+    separator = "\n" if _STRUCTURE_OPENING.match(text) else " "
+    return f"{opening}{'' if opening[-1] in '.!?:,' else '.'}{separator}{text}"
 
 
 def _fix_first_word(response: str, *, word: str) -> str:
     text = response.lstrip()
     if not text:
         return word.strip()
-    # "Today, we ..." but "Today, I ...": the pronoun keeps its capital.
-    opening = text if re.match(r"I\b", text) else f"{text[:1].lower()}{text[1:]}"
+    if _STRUCTURE_OPENING.match(text):
+        return f"{word.strip()}:\n{text}"
+    # "Today, we ..." but "Today, I ..." and "Today, AI ...": the pronoun and a word in capitals keep their case.
+    opening = text if re.match(r"(?:I|[A-Z]{2,})\b", text) else f"{text[:1].lower()}{text[1:]}"
     return f"{word.strip()}, {opening}"
 
 

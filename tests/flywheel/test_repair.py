@@ -23,7 +23,7 @@ from flywheel.repair import (
     trim_unfinished,
 )
 from flywheel.strategies import build_strategy_data
-from flywheel.verifiers import VERIFIERS, compatible, verify
+from flywheel.verifiers import VERIFIERS, _paragraphs, compatible, verify
 
 ANSWER = "Gardens are calm, and they are green. We walk there every day, very slowly. Then we go home and"
 
@@ -149,6 +149,42 @@ def test_the_first_word_fix_keeps_the_pronoun_i_in_capitals():
     today = [Constraint(type="first_word", args={"word": "Today"})]
     assert repair(today, "I'll walk there.") == "Today, I'll walk there."
     assert repair(today, "It is warm.") == "Today, it is warm."
+
+
+def test_the_first_word_fix_keeps_a_word_in_capitals():
+    today = [Constraint(type="first_word", args={"word": "Today"})]
+    assert repair(today, "AI helps us. It is new.") == "Today, AI helps us. It is new."
+
+
+STRUCTURED_ANSWERS = {
+    "numbered": ("1. Sleep well.\n2. Eat breakfast.", Constraint(type="numbered_list_count", args={"num_items": 2})),
+    "bullets": ("* Sleep well.\n* Eat breakfast.", Constraint(type="bullet_count_exact", args={"num_bullets": 2})),
+    "sections": ("SECTION 1\nSleep well.\n\nSECTION 2\nEat breakfast.",
+                 Constraint(type="section_count", args={"section_word": "SECTION", "num_sections": 2})),
+    "bold sections": ("**PART 1**\nSleep well.\n\n**PART 2**\nEat breakfast.",
+                      Constraint(type="section_count", args={"section_word": "PART", "num_sections": 2})),
+}
+
+
+@pytest.mark.parametrize("structure", list(STRUCTURED_ANSWERS))
+@pytest.mark.parametrize("opening", [Constraint(type="first_word", args={"word": "Yes"}),
+                                     Constraint(type="start_with_phrase", args={"phrase": "Here is my answer"})])
+def test_an_opening_goes_on_a_line_of_its_own_before_a_list_or_section(structure, opening):
+    # "Yes, 1. Sleep well." or "Here is my answer. SECTION 1" would break the first item or marker; one newline (not
+    # a blank line) keeps the structure and the number of paragraphs.
+    answer, structured = STRUCTURED_ANSWERS[structure]
+    fixed = repair([opening, structured], answer)
+    assert fixed.endswith("\n" + answer) and "\n" not in fixed[: -len(answer) - 1]
+    assert verify([opening, structured], fixed).passed
+    assert len(_paragraphs(fixed)) == len(_paragraphs(answer))
+
+
+@pytest.mark.parametrize("structure", list(STRUCTURED_ANSWERS))
+def test_a_title_is_not_made_of_a_list_or_section_marker(structure):
+    # "<<SECTION 1>>" would count as one more section, "<<1>>" says nothing: the title is the first item's words.
+    answer, structured = STRUCTURED_ANSWERS[structure]
+    fixed = repair([Constraint(type="title"), structured], answer)
+    assert fixed.startswith("<<Sleep Well>>\n\n") and verify([Constraint(type="title"), structured], fixed).passed
 
 
 def test_digits_are_written_out_as_words():

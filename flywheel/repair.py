@@ -221,8 +221,10 @@ def _fix_word_count_max(response: str, *, max_words: int) -> str:
 # A list item opens a line as the list checks count them.
 _BULLET_ITEM = re.compile(rf"^{BULLET_MARK}(?=\S)")
 _NUMBERED_ITEM = re.compile(rf"^{NUMBER_MARK}(?=\S)")
-# A section marker at the start of the text, with its markdown ("**SECTION 1**") and its punctuation.
-_SECTION_MARKER = re.compile(rf"^[\W_]*(?:{'|'.join(_SECTION_WORDS)})\s+\d+[\W_]*")
+# A section marker as the section check finds one, behind markdown such as "**" (the default's section words).
+_SECTION_MARK = rf"[\W_]*(?:{'|'.join(_SECTION_WORDS)})\s+\d+"
+# The marker at the start of the text, with its markdown and punctuation after it.
+_SECTION_MARKER = re.compile(rf"^{_SECTION_MARK}[\W_]*")
 
 
 def _units(text: str) -> tuple[str, list[str]]:
@@ -336,7 +338,7 @@ def _fix_title(response: str) -> str:
 # A first line that opens a structure: a list item, a markdown heading, a section marker, a title. What the
 # opening fixes add goes on a line of its own before it ("Yes, 1. Sleep well." was trained before), one newline and
 # not a blank line, so the paragraphs stay as many as they were.
-_STRUCTURE_OPENING = re.compile(rf"{BULLET_MARK}|{NUMBER_MARK}|#|<<|[\W_]*(?:{'|'.join(_SECTION_WORDS)})\s+\d")
+_STRUCTURE_OPENING = re.compile(rf"{BULLET_MARK}|{NUMBER_MARK}|#|<<|{_SECTION_MARK}")
 
 
 def _fix_start_with_phrase(response: str, *, phrase: str) -> str:

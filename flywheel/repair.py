@@ -41,6 +41,7 @@ from flywheel.verifiers import (
     echoed_instruction,
     highlight_count,
     placeholder_count,
+    section_mark,
     verify,
 )
 
@@ -221,8 +222,8 @@ def _fix_word_count_max(response: str, *, max_words: int) -> str:
 # A list item opens a line as the list checks count them.
 _BULLET_ITEM = re.compile(rf"^{BULLET_MARK}(?=\S)")
 _NUMBERED_ITEM = re.compile(rf"^{NUMBER_MARK}(?=\S)")
-# A section marker as the section check finds one, behind markdown such as "**" (the default's section words).
-_SECTION_MARK = rf"[\W_]*(?:{'|'.join(_SECTION_WORDS)})\s+\d+"
+# A section marker of the default's section words, as the section check finds one.
+_SECTION_MARK = section_mark(*_SECTION_WORDS)
 # The marker at the start of the text, with its markdown and punctuation after it.
 _SECTION_MARKER = re.compile(rf"^{_SECTION_MARK}[\W_]*")
 
@@ -276,7 +277,7 @@ def _fix_numbered_list_count(response: str, *, num_items: int) -> str:
 def _fix_section_count(response: str, *, section_word: str, num_sections: int) -> str:
     # Markers in another case ("Part 1" for PART) take the asked case; surplus sections are dropped from their
     # marker on; an answer without markers is split into sections.
-    marker = re.compile(rf"^[\W_]*{re.escape(section_word)}\s+\d+")
+    marker = re.compile(rf"^{section_mark(section_word)}")
     recased = re.sub(rf"(?im)^([\W_]*){re.escape(section_word)}(?=\s+\d)", lambda m: m.group(1) + section_word,
                      response.strip())
     lines = recased.split("\n")

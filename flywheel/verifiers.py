@@ -318,6 +318,12 @@ BULLET_MARK = r"[ \t]*[*\-•][ \t]+"
 NUMBER_MARK = r"[ \t]*\d+[.)][ \t]+"
 
 
+def section_mark(*words: str) -> str:
+    """What opens a section's line: one of the section words and its number, optionally behind markdown such as
+    "## " or "**"; the word's case matters. The repairs use the same."""
+    return rf"[\W_]*(?:{'|'.join(re.escape(word) for word in words)})\s+\d+"
+
+
 def _bullet_count_exact(response: str, *, num_bullets: int) -> bool:
     return len(re.findall(rf"(?m)^{BULLET_MARK}\S", response)) == num_bullets
 
@@ -327,8 +333,7 @@ def _numbered_list_count(response: str, *, num_items: int) -> bool:
 
 
 def _section_count(response: str, *, section_word: str, num_sections: int) -> bool:
-    # Markers open a line, optionally behind markdown such as "## " or "**"; the word's case matters.
-    markers = re.findall(rf"(?m)^[\W_]*{re.escape(section_word)}\s+\d+", response)
+    markers = re.findall(rf"(?m)^{section_mark(section_word)}", response)
     return len(markers) == num_sections
 
 

@@ -9,11 +9,12 @@ Data Context, so the suites (``<context_root>/expectations/flywheel_<kind>.json`
 
 Row-level checks (not-null, length bounds in characters and in tokens, score ranges, chosen above rejected,
 chosen != rejected, duplicate samples / prompts / pairs, the language of the response, refusals, degenerate
-repetition, truncated training targets, evaluation prompts and their near-duplicates in training data) quarantine
-the failing rows with the failing expectations' names; share-level checks (share of refusals, of degenerate
-repetition, of responses truncated at the token limit) are table-level expectations whose failure stops the round
-(:func:`enforce`) naming the check and the share. The gate also stops when more than ``max_failed_fraction`` of
-all rows fail. Nothing is deleted: quarantined rows keep their original content (``row_json``).
+repetition, truncated training targets, SFT targets cut off under an exact count or upper limit of their prompt,
+evaluation prompts and their near-duplicates in training data) quarantine the failing rows with the failing
+expectations' names; share-level checks (share of refusals, of degenerate repetition, of responses truncated at the
+token limit) are table-level expectations whose failure stops the round (:func:`enforce`) naming the check and the
+share. The gate also stops when more than ``max_failed_fraction`` of all rows fail. Nothing is deleted: quarantined
+rows keep their original content (``row_json``).
 
 Only built-in GX expectations are used (a suite that holds a custom expectation class silently loses it in a
 process that has not imported the class). Checks no built-in expectation expresses directly are computed into
@@ -107,6 +108,9 @@ _CONTENT_COLUMNS: dict[str, tuple[str, ...]] = {
 _CONTENT_CHECKS = ("refusal", "repetitive", "wrong_language")
 # Training targets whose truncation at the token limit quarantines the row (when quality.quarantine_truncated).
 _TRUNCATION_COLUMNS: dict[str, tuple[str, ...]] = {"pairs": ("chosen",), "sft": ("completion",)}
+# SFT rows the token limit cut off (``ended`` false) whose prompt sets an exact count or an upper limit
+# (flywheel.verifiers.limits_length): quarantined when quality.quarantine_cut_off_limits.
+_CUT_OFF_LIMIT = "cut_off_under_limit"
 _SCORE_COLUMNS: dict[str, tuple[str, ...]] = {
     "samples": ("score",),
     "pairs": ("chosen_score", "rejected_score"),
@@ -155,6 +159,8 @@ def _derived(kind: str) -> tuple[str, ...]:
     cols += [s.column for s in _SHARES.get(kind, ()) if s.column not in cols]
     if kind == "pairs":
         cols.append("chosen_equals_rejected")
+    if kind == "sft":
+        cols.append(_CUT_OFF_LIMIT)
     if kind in ("pairs", "sft"):
         cols.append("prompt_normalized")
     cols += [name for name, _ in _DUPLICATE_KEYS.get(kind, ())]
@@ -175,6 +181,7 @@ _WS_RE = re.compile(r"\s+")
 # Suite parameters ({"$PARAMETER": name}) filled in at run time from QualityConfig and the round.
 _P_EVAL = "eval_prompts_normalized"
 _P_TRUNCATED_OK = "allowed_truncated_values"
+_P_CUT_OFF_LIMIT_OK = "allowed_cut_off_under_limit_values"
 _CONFIG_PARAMETERS = (
     "min_chars", "max_chars", "min_tokens", "max_tokens",
     "max_refusal_share", "max_repetition_share", "max_truncated_share",
@@ -338,6 +345,8 @@ def _expectations(kind: str) -> list[Any]:
     for c in _TRUNCATION_COLUMNS.get(kind, ()):
         exps.append(E.ExpectColumnValuesToBeInSet(
             column=f"{c}_truncated", value_set={"$PARAMETER": _P_TRUNCATED_OK}))
+    if kind == "sft":
+        exps.append(E.ExpectColumnValuesToBeInSet(column=_CUT_OFF_LIMIT, value_set={"$PARAMETER": _P_CUT_OFF_LIMIT_OK}))
     if kind in _EVAL_CHECKED:
         exps.append(E.ExpectColumnValuesToNotBeInSet(column="prompt_normalized", value_set={"$PARAMETER": _P_EVAL}))
         exps.append(E.ExpectColumnValuesToBeInSet(column="prompt_shares_eval_ngram", value_set=[False]))
@@ -462,6 +471,7 @@ class _RoundFacts:
     eval_index: Any  # textchecks.NgramIndex of the evaluation prompts
     languages: Mapping[str, str]  # prompt_id -> expected language, where the prompt asks for one
     unfinished: frozenset[tuple[Any, Any]]  # (prompt_id, response) of samples truncated at the token limit
+    limited: frozenset[Any]  # prompt_ids with an exact count or an upper limit among their instructions
 
 
 def text_limits(settings: QualityConfig) -> Any:
@@ -516,6 +526,11 @@ def _derive(table: str, df: pd.DataFrame, facts: _RoundFacts) -> pd.DataFrame:
     for c in _TRUNCATION_COLUMNS.get(kind, ()):
         work[f"{c}_truncated"] = _bool_series(
             [(pid, text) in facts.unfinished for pid, text in zip(work["prompt_id"], work[c])])
+    if kind == "sft":
+        # A table written without ``ended`` (older rounds, user tables): its rows ended, as training reads them.
+        ended = work["ended"].astype("boolean").fillna(True) if "ended" in work.columns else [True] * len(work)
+        work[_CUT_OFF_LIMIT] = _bool_series(
+            [not bool(done) and pid in facts.limited for pid, done in zip(work["prompt_id"], ended)])
     if kind == "pairs":
         work["chosen_equals_rejected"] = _bool_series(
             list(work["chosen"].notna() & (work["chosen"] == work["rejected"])))
@@ -544,6 +559,7 @@ def run_quality_gate(
     eval_prompts: Iterable[str],
     settings: QualityConfig,
     expected_languages: Mapping[str, str] | None = None,
+    limited_prompts: Iterable[Any] = (),
     run_name: str | None = None,
     docs_dir: Path | None = None,
     build_data_docs: bool = True,
@@ -553,9 +569,12 @@ def run_quality_gate(
     ``tables`` maps some of :data:`KINDS` ("samples", "pairs", "sft", "eval_candidate", "eval_champion") to
     DataFrames with a unique ``row_id`` column. ``settings``: the recipe's quality section (bounds, limits).
     ``expected_languages``: prompt_id -> language for prompts that ask for a language (other prompts expect
-    ``settings.language``). ``run_name`` (letters, digits, ``._-``) tags the GX validation results; by default one
-    is generated. Data Docs of this run go to ``docs_dir`` (default ``<context_root>/uncommitted/data_docs/runs/
-    <run_name>``). Does not raise when the gate fails: call :func:`enforce` on ``outcome.report`` for that.
+    ``settings.language``). ``limited_prompts``: prompt_ids whose instructions set an exact count or an upper
+    limit (:func:`flywheel.verifiers.limits_length`); their SFT rows that were cut off (``ended`` false) are
+    quarantined when ``settings.quarantine_cut_off_limits``. ``run_name`` (letters, digits, ``._-``) tags the GX
+    validation results; by default one is generated. Data Docs of this run go to ``docs_dir`` (default
+    ``<context_root>/uncommitted/data_docs/runs/<run_name>``). Does not raise when the gate fails: call
+    :func:`enforce` on ``outcome.report`` for that.
     """
     import pandas as pd
 
@@ -574,6 +593,7 @@ def run_quality_gate(
     params: dict[str, Any] = {name: getattr(settings, name) for name in _CONFIG_PARAMETERS}
     params[_P_EVAL] = eval_set
     params[_P_TRUNCATED_OK] = [False] if settings.quarantine_truncated else [False, True]
+    params[_P_CUT_OFF_LIMIT_OK] = [False] if settings.quarantine_cut_off_limits else [False, True]
     samples = tables.get("samples")
     unfinished: frozenset[tuple[Any, Any]] = frozenset()
     if samples is not None and len(samples):
@@ -584,6 +604,7 @@ def run_quality_gate(
         eval_index=NgramIndex.build(eval_prompts, settings.decontamination_ngram),
         languages=dict(expected_languages or {}),
         unfinished=unfinished,
+        limited=frozenset(limited_prompts),
     )
 
     # GX >= 1.x reads this before a context exists; the context config also says so.

@@ -591,14 +591,17 @@ def quality_gate(config: FlywheelConfig, workspace: Workspace, context: RoundCon
 
     from flywheel.prompts import load_prompts
     from flywheel.quality import run_quality_gate
+    from flywheel.verifiers import limits_length
 
     tables = {"samples": read_table(Path(data.samples_path)), "pairs": read_table(Path(data.pairs_path)),
               "sft": read_table(Path(data.sft_path))}
     eval_texts = [p.prompt for p in load_prompts(Path(split.eval_path))]
-    languages = {p.id: c.args["language"] for p in load_prompts(Path(split.train_path))
+    train_prompts = load_prompts(Path(split.train_path))
+    languages = {p.id: c.args["language"] for p in train_prompts
                  for c in p.constraints if c.type == "response_language"}
+    limited = {p.id for p in train_prompts if any(limits_length(c.type, c.args) for c in p.constraints)}
     outcome = run_quality_gate(workspace.gx_root, tables, eval_prompts=eval_texts, settings=config.quality,
-                               expected_languages=languages, run_name=context.name,
+                               expected_languages=languages, limited_prompts=limited, run_name=context.name,
                                docs_dir=Path(context.work_dir) / "data_docs")
     from flywheel.lineage import CONFIG_SNAPSHOT
 

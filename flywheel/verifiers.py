@@ -21,7 +21,7 @@ import functools
 import json
 import random
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -721,6 +721,21 @@ _SPECS = (
 )
 
 VERIFIERS: dict[str, VerifierSpec] = {spec.name: spec for spec in _SPECS}
+
+
+# Instructions a longer answer can break once it meets them: an exact count or an upper limit. An answer the token
+# limit cut off has not shown where it would stop, so meeting one of these is provisional (and, trained as an open
+# target, it teaches the model to go on past the count: flywheel.quality quarantines such SFT rows).
+_EXACT_OR_UPPER = frozenset({"word_count_max", "paragraph_count", "bullet_count_exact", "numbered_list_count",
+                             "section_count", "two_responses", "nth_paragraph_first_word"})
+
+
+def limits_length(constraint_type: str, args: Mapping[str, Any] | None = None) -> bool:
+    """True when more text can undo a met instruction: an exact count (items, paragraphs, sections, two responses)
+    or an upper limit (``word_count_max``, any ``relation: "at most"``)."""
+    if constraint_type not in VERIFIERS:
+        raise KeyError(f"unknown constraint type {constraint_type!r}; expected one of: {_allowed_types()}")
+    return constraint_type in _EXACT_OR_UPPER or (args or {}).get("relation") == "at most"
 
 
 def _check_registry() -> None:

@@ -95,6 +95,7 @@ def sft_row(row_id: str, **kw) -> dict:
         "prompt": f"Prompt for {row_id}",
         "completion": "a fine completion",
         "score": 1.0,
+        "ended": True,
     }
     row.update(kw)
     return row
@@ -188,6 +189,10 @@ PLANTED: list[tuple[str, str, dict, set[str]]] = [
     ("sft", "f_language", {"completion": RUSSIAN}, {f"{IN_SET}(completion_wrong_language)"}),
     ("sft", "f_truncated", {"prompt_id": "p-cut", "completion": "cut off in the midd"},
      {f"{IN_SET}(completion_truncated)"}),
+    # Cut off (not ended) under a prompt with an exact count or an upper limit (the gate's limited_prompts).
+    ("sft", "f_cut_limit", {"prompt_id": "p-limit", "ended": False}, {f"{IN_SET}(cut_off_under_limit)"}),
+    ("sft", "f_ended_limit", {"prompt_id": "p-limit", "ended": True}, set()),
+    ("sft", "f_cut_no_limit", {"ended": False}, set()),  # open targets of other prompts stay (training opens them)
     ("eval_candidate", "e_score", {"score": 2.0}, {f"{BETWEEN}(score)"}),
     ("eval_candidate", "e_dup", {"prompt_id": "e-e_ok"}, {f"{IN_SET}(duplicate_prompt_id)"}),
     ("eval_candidate", "e_tokens", {"n_tokens": -1}, {f"{BETWEEN}(n_tokens)"}),
@@ -222,7 +227,7 @@ def planted(tmp_path_factory) -> tuple[QualityOutcome, dict[str, pd.DataFrame], 
     tables = planted_tables()
     base = tmp_path_factory.mktemp("planted")
     root = base / "great_expectations"
-    out = gate(root, tables, expected_languages={"p-ru": "ru"}, run_name="round-0007",
+    out = gate(root, tables, expected_languages={"p-ru": "ru"}, limited_prompts={"p-limit"}, run_name="round-0007",
                docs_dir=base / "round-0007" / "data_docs", build_data_docs=True)
     return out, tables, root
 
@@ -408,6 +413,22 @@ def test_clean_tables_pass(tmp_path: Path) -> None:
     enforce(out.report)  # does not raise
     assert sorted(p.name for p in tmp_path.iterdir()) == ["great_expectations"]  # GX wrote only under the root
     assert out.report.data_docs_path is None
+
+
+@pytest.mark.parametrize(("quarantine", "ended_column", "kept"), [
+    (True, True, {"ended", "missing"}),
+    (False, True, {"ended", "missing", "cut"}),  # switched off: the cut-off row trains as an open target
+    (True, False, {"ended", "missing", "cut"}),  # a table without `ended`: every row ended
+])
+def test_cut_off_rows_under_a_limit(tmp_path: Path, quarantine: bool, ended_column: bool, kept: set[str]) -> None:
+    rows = [sft_row("ended", prompt_id="p-limit", ended=True), sft_row("cut", prompt_id="p-limit", ended=False),
+            sft_row("missing", prompt_id="p-limit", ended=None)]
+    frame = pd.DataFrame(rows) if ended_column else pd.DataFrame(rows).drop(columns=["ended"])
+    out = gate(tmp_path / "great_expectations", {"sft": frame},
+               SETTINGS.model_copy(update={"quarantine_cut_off_limits": quarantine}), limited_prompts=["p-limit"])
+    assert set(out.clean["sft"]["row_id"]) == kept
+    assert set(out.quarantine["row_id"]) == {"ended", "missing", "cut"} - kept
+    assert list(out.clean["sft"].columns) == list(frame.columns)  # the derived column is not written
 
 
 def test_empty_tables_pass(tmp_path: Path) -> None:

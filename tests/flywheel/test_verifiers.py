@@ -9,6 +9,7 @@ from flywheel.verifiers import (
     Verdict,
     compatible,
     echoed_instruction,
+    limits_length,
     loose_variants,
     verify,
 )
@@ -307,3 +308,34 @@ def test_echo_ngram_sets_how_many_words_make_a_copy():
     assert echoed_instruction([constraint], answer, ngram=6) is None
     with pytest.raises(ValueError, match="at least 2"):
         echoed_instruction([constraint], answer, ngram=1)
+
+
+@pytest.mark.parametrize(("name", "args", "limits"), [
+    ("bullet_count_exact", {"num_bullets": 3}, True),
+    ("numbered_list_count", {"num_items": 2}, True),
+    ("paragraph_count", {"num_paragraphs": 2}, True),
+    ("section_count", {"section_word": "SECTION", "num_sections": 2}, True),
+    ("word_count_max", {"max_words": 40}, True),
+    ("two_responses", {}, True),
+    ("sentence_count", {"relation": "at most", "num_sentences": 3}, True),
+    ("capital_word_frequency", {"relation": "at most", "frequency": 2}, True),
+    ("sentence_count", {"relation": "at least", "num_sentences": 3}, False),
+    ("word_count_min", {"min_words": 20}, False),
+    ("highlighted_sections", {"num_highlights": 2}, False),
+    ("no_commas", {}, False),
+    ("end_with_phrase", {"phrase": "That is all."}, False),
+])
+def test_limits_length_holds_for_exact_counts_and_upper_limits(name, args, limits) -> None:
+    """A longer answer can break these once met, so a cut-off answer meeting them has not shown it would stop."""
+    assert limits_length(name, args) is limits
+    if limits:  # and a longer answer does break a met one
+        met = {"bullet_count_exact": "* a\n* b\n* c", "word_count_max": "short answer"}.get(name)
+        if met is not None:
+            more = met + ("\n* d" if name == "bullet_count_exact" else " word" * 40)
+            assert verify([Constraint(type=name, args=args)], met).passed
+            assert not verify([Constraint(type=name, args=args)], more).passed
+
+
+def test_limits_length_refuses_an_unknown_type() -> None:
+    with pytest.raises(KeyError, match="unknown constraint type 'bullets'"):
+        limits_length("bullets", {})

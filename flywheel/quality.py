@@ -9,12 +9,12 @@ Data Context, so the suites (``<context_root>/expectations/flywheel_<kind>.json`
 
 Row-level checks (not-null, length bounds in characters and in tokens, score ranges, chosen above rejected,
 chosen != rejected, duplicate samples / prompts / pairs, the language of the response, refusals, degenerate
-repetition, truncated training targets, SFT targets cut off under an exact count, an upper limit or an ending of
-their prompt, evaluation prompts and their near-duplicates in training data) quarantine the failing rows with the
-failing expectations' names; share-level checks (share of refusals, of degenerate repetition, of responses truncated
-at the token limit) are table-level expectations whose failure stops the round (:func:`enforce`) naming the check and
-the share. The gate also stops when more than ``max_failed_fraction`` of all rows fail. Nothing is deleted:
-quarantined rows keep their original content (``row_json``).
+repetition, truncated training targets, SFT targets cut off under an exact count or upper limit of their prompt,
+evaluation prompts and their near-duplicates in training data) quarantine the failing rows with the failing
+expectations' names; share-level checks (share of refusals, of degenerate repetition, of responses truncated at the
+token limit) are table-level expectations whose failure stops the round (:func:`enforce`) naming the check and the
+share. The gate also stops when more than ``max_failed_fraction`` of all rows fail. Nothing is deleted: quarantined
+rows keep their original content (``row_json``).
 
 Only built-in GX expectations are used (a suite that holds a custom expectation class silently loses it in a
 process that has not imported the class). Checks no built-in expectation expresses directly are computed into
@@ -108,8 +108,8 @@ _CONTENT_COLUMNS: dict[str, tuple[str, ...]] = {
 _CONTENT_CHECKS = ("refusal", "repetitive", "wrong_language")
 # Training targets whose truncation at the token limit quarantines the row (when quality.quarantine_truncated).
 _TRUNCATION_COLUMNS: dict[str, tuple[str, ...]] = {"pairs": ("chosen",), "sft": ("completion",)}
-# SFT rows the token limit cut off (``ended`` false) whose prompt sets an exact count, an upper limit or what the
-# answer ends with (flywheel.verifiers.limits_length): quarantined when quality.quarantine_cut_off_limits.
+# SFT rows the token limit cut off (``ended`` false) whose prompt sets an exact count or an upper limit
+# (flywheel.verifiers.limits_length): quarantined when quality.quarantine_cut_off_limits.
 _CUT_OFF_LIMIT = "cut_off_under_limit"
 _SCORE_COLUMNS: dict[str, tuple[str, ...]] = {
     "samples": ("score",),
@@ -471,7 +471,7 @@ class _RoundFacts:
     eval_index: Any  # textchecks.NgramIndex of the evaluation prompts
     languages: Mapping[str, str]  # prompt_id -> expected language, where the prompt asks for one
     unfinished: frozenset[tuple[Any, Any]]  # (prompt_id, response) of samples truncated at the token limit
-    limited: frozenset[Any]  # prompt_ids with an exact count, an upper limit or an ending among their instructions
+    limited: frozenset[Any]  # prompt_ids with an exact count or an upper limit among their instructions
 
 
 def text_limits(settings: QualityConfig) -> Any:
@@ -569,10 +569,10 @@ def run_quality_gate(
     ``tables`` maps some of :data:`KINDS` ("samples", "pairs", "sft", "eval_candidate", "eval_champion") to
     DataFrames with a unique ``row_id`` column. ``settings``: the recipe's quality section (bounds, limits).
     ``expected_languages``: prompt_id -> language for prompts that ask for a language (other prompts expect
-    ``settings.language``). ``limited_prompts``: prompt_ids whose instructions set an exact count, an upper limit
-    or the answer's ending (:func:`flywheel.verifiers.limits_length`); their SFT rows that were cut off (``ended``
-    false) are quarantined when ``settings.quarantine_cut_off_limits``. ``run_name`` (letters, digits, ``._-``) tags
-    the GX validation results; by default one is generated. Data Docs of this run go to ``docs_dir`` (default
+    ``settings.language``). ``limited_prompts``: prompt_ids whose instructions set an exact count or an upper
+    limit (:func:`flywheel.verifiers.limits_length`); their SFT rows that were cut off (``ended`` false) are
+    quarantined when ``settings.quarantine_cut_off_limits``. ``run_name`` (letters, digits, ``._-``) tags the GX
+    validation results; by default one is generated. Data Docs of this run go to ``docs_dir`` (default
     ``<context_root>/uncommitted/data_docs/runs/<run_name>``). Does not raise when the gate fails: call
     :func:`enforce` on ``outcome.report`` for that.
     """

@@ -723,24 +723,19 @@ _SPECS = (
 VERIFIERS: dict[str, VerifierSpec] = {spec.name: spec for spec in _SPECS}
 
 
-# Instructions a longer answer can break once it meets them: an exact count, an upper limit, or what the answer
-# ends with (nothing may follow the last word, the closing phrase or question, the closing quotation mark or the
-# JSON). An answer the token limit cut off has not shown where it would stop, so meeting one of these is provisional:
-# a cut that falls after "Today," meets "the last word must be today". Trained as an open target, such a row teaches
-# the model to go on past the count, or teaches an ending that was never written: flywheel.quality quarantines them.
+# Instructions a longer answer can break once it meets them: an exact count or an upper limit. An answer the token
+# limit cut off has not shown where it would stop, so meeting one of these is provisional (and, trained as an open
+# target, it teaches the model to go on past the count: flywheel.quality quarantines such SFT rows).
 _EXACT_OR_UPPER = frozenset({"word_count_max", "paragraph_count", "bullet_count_exact", "numbered_list_count",
                              "section_count", "two_responses", "nth_paragraph_first_word"})
-_AT_THE_END = frozenset({"last_word", "end_with_phrase", "ends_with_question", "quotation_wrapped", "json_format"})
 
 
 def limits_length(constraint_type: str, args: Mapping[str, Any] | None = None) -> bool:
-    """True when more text can undo a met instruction: an exact count (items, paragraphs, sections, two responses),
-    an upper limit (``word_count_max``, any ``relation: "at most"``) or the answer's end (last word, closing phrase,
-    closing question, quotation marks around it, JSON as the whole answer)."""
+    """True when more text can undo a met instruction: an exact count (items, paragraphs, sections, two responses)
+    or an upper limit (``word_count_max``, any ``relation: "at most"``)."""
     if constraint_type not in VERIFIERS:
         raise KeyError(f"unknown constraint type {constraint_type!r}; expected one of: {_allowed_types()}")
-    return (constraint_type in _EXACT_OR_UPPER or constraint_type in _AT_THE_END
-            or (args or {}).get("relation") == "at most")
+    return constraint_type in _EXACT_OR_UPPER or (args or {}).get("relation") == "at most"
 
 
 def _check_registry() -> None:
@@ -750,9 +745,6 @@ def _check_registry() -> None:
         raise RuntimeError(f"flywheel.verifiers: conflict pairs name unknown verifier types: {', '.join(unknown)}")
     if len(VERIFIERS) != len(_SPECS):
         raise RuntimeError("flywheel.verifiers: two verifier specs share a name")
-    unknown = sorted((_EXACT_OR_UPPER | _AT_THE_END) - VERIFIERS.keys())  # nor a typo weaken limits_length()
-    if unknown:
-        raise RuntimeError(f"flywheel.verifiers: length limits name unknown verifier types: {', '.join(unknown)}")
 
 
 _check_registry()

@@ -692,10 +692,9 @@ def test_judge_samples_fails_answers_that_copy_their_instructions_when_the_recip
         assert pd.read_parquet(judged.path)["passed"].tolist() == passed
 
 
-def test_quality_gate_quarantines_cut_off_rows_of_prompts_with_a_count_or_an_ending(tmp_path):
-    # The stage reads the limits from the round's prompts: a cut-off row asked for exactly 3 bullets, and one asked
-    # for its last word that the cut left on it, go to the quarantine with their reason; a cut-off row asked for at
-    # least 20 words, and an ended one, train.
+def test_quality_gate_quarantines_cut_off_rows_of_prompts_with_a_count(tmp_path):
+    # The stage reads the limits from the round's prompts: a cut-off row asked for exactly 3 bullets goes to the
+    # quarantine with its reason; a cut-off row asked for at least 20 words, and an ended one, train.
     import pandas as pd
 
     from flywheel import stages
@@ -703,14 +702,13 @@ def test_quality_gate_quarantines_cut_off_rows_of_prompts_with_a_count_or_an_end
     from flywheel.prompts import Constraint, Prompt, save_prompts
 
     asked = {"bullets": Constraint(type="bullet_count_exact", args={"num_bullets": 3}),
-             "words": Constraint(type="word_count_min", args={"min_words": 20}),
-             "last": Constraint(type="last_word", args={"word": "today"})}
+             "words": Constraint(type="word_count_min", args={"min_words": 20})}
     save_prompts([Prompt(id=name, prompt=f"Describe {name}. {c.describe()}", constraints=[c])
                   for name, c in asked.items()], tmp_path / "train.jsonl")
     save_prompts([Prompt(id="e", prompt="Describe tea. Answer in lowercase.",
                          constraints=[Constraint(type="all_lowercase")])], tmp_path / "eval.jsonl")
     rows = [("bullets", "* a\n* b\n* c is cut", False), ("bullets", "* a\n* b\n* c.", True),
-            ("words", "a long answer that was cut", False), ("last", "we change how we recycle. *Today,", False)]
+            ("words", "a long answer that was cut", False)]
     sft = pd.DataFrame([{"row_id": f"r{i}", "prompt_id": pid, "prompt": f"Describe {pid}. {asked[pid].describe()}",
                          "completion": text, "score": 1.0, "ended": ended}
                         for i, (pid, text, ended) in enumerate(rows)])
@@ -718,10 +716,10 @@ def test_quality_gate_quarantines_cut_off_rows_of_prompts_with_a_count_or_an_end
     for name, frame in tables.items():
         write_parquet(frame, tmp_path / f"{name}.parquet")
     data = stages.RoundData(samples_path=str(tmp_path / "samples.parquet"), pairs_path=str(tmp_path / "pairs.parquet"),
-                            sft_path=str(tmp_path / "sft.parquet"), samples=0, pairs=0, sft=4, strategy="repair",
+                            sft_path=str(tmp_path / "sft.parquet"), samples=0, pairs=0, sft=3, strategy="repair",
                             stats={})
     split = stages.PromptSplit(train_path=str(tmp_path / "train.jsonl"), eval_path=str(tmp_path / "eval.jsonl"),
-                               train=3, eval=1, round_prompts=3)
+                               train=2, eval=1, round_prompts=2)
     config = FlywheelConfig()
     workspace = Workspace.from_config(config, tmp_path / "ws")
     context = _context(1, tmp_path / "round")
@@ -729,5 +727,4 @@ def test_quality_gate_quarantines_cut_off_rows_of_prompts_with_a_count_or_an_end
     assert read_table(Path(result.clean.sft_path))["row_id"].tolist() == ["r1", "r2"]
     quarantine = read_table(Path(result.quarantine_path))
     assert quarantine[["row_id", "reasons"]].values.tolist() == [
-        ["r0", "expect_column_values_to_be_in_set(cut_off_under_limit)"],
-        ["r3", "expect_column_values_to_be_in_set(cut_off_under_limit)"]]
+        ["r0", "expect_column_values_to_be_in_set(cut_off_under_limit)"]]

@@ -323,33 +323,17 @@ def test_echo_ngram_sets_how_many_words_make_a_copy():
     ("word_count_min", {"min_words": 20}, False),
     ("highlighted_sections", {"num_highlights": 2}, False),
     ("no_commas", {}, False),
-    ("postscript", {"marker": "P.S."}, False),
-    ("start_with_phrase", {"phrase": "In short"}, False),
-    ("end_with_phrase", {"phrase": "That is all."}, True),
-    ("last_word", {"word": "today"}, True),
-    ("ends_with_question", {}, True),
-    ("quotation_wrapped", {}, True),
-    ("json_format", {}, True),
+    ("end_with_phrase", {"phrase": "That is all."}, False),
 ])
-def test_limits_length_holds_for_counts_upper_limits_and_endings(name, args, limits) -> None:
+def test_limits_length_holds_for_exact_counts_and_upper_limits(name, args, limits) -> None:
     """A longer answer can break these once met, so a cut-off answer meeting them has not shown it would stop."""
     assert limits_length(name, args) is limits
-
-
-@pytest.mark.parametrize(("name", "args", "met", "more"), [
-    ("bullet_count_exact", {"num_bullets": 3}, "* a\n* b\n* c", "\n* d"),
-    ("word_count_max", {"max_words": 40}, "short answer", " word" * 40),
-    # A cut that falls after "Today," meets the instruction; the answer would have gone on.
-    ("last_word", {"word": "today"}, "We change how we recycle. Today,", " we start with glass."),
-    ("end_with_phrase", {"phrase": "That is all."}, "Tea is hot. That is all.", " Enjoy it."),
-    ("ends_with_question", {}, "Question: why recycle?", "\n\nAnswer: to save"),
-    ("quotation_wrapped", {}, '"Tea is hot."', ' He said.'),
-    ("json_format", {}, '{"tea": "hot"}', " That is the JSON."),
-])
-def test_more_text_breaks_a_met_instruction_that_limits_length(name, args, met, more) -> None:
-    assert limits_length(name, args)
-    assert verify([Constraint(type=name, args=args)], met).passed
-    assert not verify([Constraint(type=name, args=args)], met + more).passed
+    if limits:  # and a longer answer does break a met one
+        met = {"bullet_count_exact": "* a\n* b\n* c", "word_count_max": "short answer"}.get(name)
+        if met is not None:
+            more = met + ("\n* d" if name == "bullet_count_exact" else " word" * 40)
+            assert verify([Constraint(type=name, args=args)], met).passed
+            assert not verify([Constraint(type=name, args=args)], more).passed
 
 
 def test_limits_length_refuses_an_unknown_type() -> None:

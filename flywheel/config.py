@@ -311,6 +311,12 @@ class TrainingConfig(Section):
                            "sample that did not finish, or a repair trimmed to its last sentence with nothing "
                            "appended at its end) is trained without its end of turn, so the model learns its "
                            "content, not to stop where the limit stopped it. false: every target ends its turn.")
+    extrapolation: float = Field(
+        1.0, gt=0, le=4, description="The saved weights are start + extrapolation x (trained - start), start being "
+                                     "the weights training began from: above 1 goes further along the direction "
+                                     "training moved (model extrapolation, ExPO), below 1 stays between the two "
+                                     "(weight interpolation). Costs nothing at training time; drift (the probe's "
+                                     "perplexity) grows with it. 1: the trained weights.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on a capable GPU, else fp32. bf16 (mixed precision) on a CPU needs native "

@@ -215,6 +215,8 @@ def train(
     if config.lora.enabled:
         trained = trained.merge_and_unload()
     trained = trained.to("cpu").to(torch.float32)
+    if config.extrapolation != 1.0:
+        extrapolate(trained, before, config.extrapolation)
     after = dict(trained.named_parameters())
     moved = sum(1 for name, p in before.items() if name in after and not torch.equal(p, after[name].detach()))
     changed = moved / max(1, len(before))
@@ -234,6 +236,21 @@ def train(
         train_loss=float(result.training_loss), seconds=seconds, device=device, precision=precision,
         changed_parameters=changed,
     )
+
+
+def extrapolate(model, start: dict, factor: float) -> None:
+    """Set each parameter of ``model`` to ``start + factor * (parameter - start)`` in place (``start``: the
+    parameters by name before training). Tied weights are one parameter, so they move once."""
+    import torch
+
+    missing = [name for name, _ in model.named_parameters() if name not in start]
+    if missing:
+        raise TrainingError(f"cannot extrapolate: {len(missing)} trained parameters (first {missing[0]!r}) have no "
+                            "starting value")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            origin = start[name].to(parameter.device, parameter.dtype)
+            parameter.copy_(origin + factor * (parameter - origin))
 
 
 def _make_trainer(config: TrainingConfig, model, tokenizer, rows: list[dict], common: dict, peft_config, callbacks,

@@ -96,6 +96,30 @@ def test_lora_trains_and_saves_a_merged_model(tiny_model_dir, tmp_path):
     verify_model(output)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_extrapolation_scales_what_training_moved(tiny_model_dir, tmp_path, factor, lora):
+    import torch
+
+    adapters = {"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}} if lora else {}
+    plain = train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", **adapters, **FAST), tmp_path / "plain", seed=0)
+    scaled = train(tiny_model_dir, SFT_ROWS, TrainingConfig(method="sft", extrapolation=factor, **adapters, **FAST),
+                   tmp_path / "scaled", seed=0)
+    start, moved, result = _state(tiny_model_dir), _state(Path(plain.path)), _state(Path(scaled.path))
+    assert set(result) == set(start)
+    changed = [name for name in start if not torch.equal(moved[name], start[name])]
+    assert changed and scaled.changed_parameters == plain.changed_parameters
+    for name in start:  # the same training run, its step from the start scaled; untouched weights stay put
+        assert torch.allclose(result[name], start[name] + factor * (moved[name] - start[name]), atol=1e-6), name
+    verify_model(Path(scaled.path))
+
+
+@pytest.mark.parametrize("factor", [0, -1.0, 4.5])
+def test_extrapolation_out_of_range_is_refused(factor):
+    with pytest.raises(ValueError, match="extrapolation"):
+        TrainingConfig(method="sft", extrapolation=factor)
+
+
 def test_sft_weight_adds_the_chosen_answers_likelihood_to_the_dpo_loss(tiny_model_dir, tmp_path):
     # On the first step the policy is its own reference, so plain DPO's loss is exactly log 2; the SFT term adds the
     # chosen answers' negative log-likelihood (large for a random model), weighted.

@@ -745,6 +745,9 @@ def _check_registry() -> None:
         raise RuntimeError(f"flywheel.verifiers: conflict pairs name unknown verifier types: {', '.join(unknown)}")
     if len(VERIFIERS) != len(_SPECS):
         raise RuntimeError("flywheel.verifiers: two verifier specs share a name")
+    unknown = sorted(_EXACT_OR_UPPER - VERIFIERS.keys())  # nor a typo weaken limits_length()
+    if unknown:
+        raise RuntimeError(f"flywheel.verifiers: length limits name unknown verifier types: {', '.join(unknown)}")
 
 
 _check_registry()

@@ -328,12 +328,16 @@ def test_echo_ngram_sets_how_many_words_make_a_copy():
 def test_limits_length_holds_for_exact_counts_and_upper_limits(name, args, limits) -> None:
     """A longer answer can break these once met, so a cut-off answer meeting them has not shown it would stop."""
     assert limits_length(name, args) is limits
-    if limits:  # and a longer answer does break a met one
-        met = {"bullet_count_exact": "* a\n* b\n* c", "word_count_max": "short answer"}.get(name)
-        if met is not None:
-            more = met + ("\n* d" if name == "bullet_count_exact" else " word" * 40)
-            assert verify([Constraint(type=name, args=args)], met).passed
-            assert not verify([Constraint(type=name, args=args)], more).passed
+
+
+@pytest.mark.parametrize(("name", "args", "met", "more"), [
+    ("bullet_count_exact", {"num_bullets": 3}, "* a\n* b\n* c", "\n* d"),
+    ("word_count_max", {"max_words": 40}, "short answer", " word" * 40),
+])
+def test_more_text_breaks_a_met_instruction_that_limits_length(name, args, met, more) -> None:
+    assert limits_length(name, args)
+    assert verify([Constraint(type=name, args=args)], met).passed
+    assert not verify([Constraint(type=name, args=args)], met + more).passed
 
 
 def test_limits_length_refuses_an_unknown_type() -> None:

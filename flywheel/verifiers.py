@@ -739,15 +739,15 @@ def limits_length(constraint_type: str, args: Mapping[str, Any] | None = None) -
 
 
 def _check_registry() -> None:
-    # Pure consistency check at import: a typo in a conflict pair must not silently weaken compatible().
-    unknown = sorted({name for pair in _CONFLICT_PAIRS for name in pair} - VERIFIERS.keys())
-    if unknown:
-        raise RuntimeError(f"flywheel.verifiers: conflict pairs name unknown verifier types: {', '.join(unknown)}")
+    # Pure consistency check at import: a typo in a conflict pair or a length limit must not silently weaken
+    # compatible() or limits_length().
+    named = {"conflict pairs": {name for pair in _CONFLICT_PAIRS for name in pair}, "length limits": _EXACT_OR_UPPER}
+    for what, names in named.items():
+        unknown = sorted(names - VERIFIERS.keys())
+        if unknown:
+            raise RuntimeError(f"flywheel.verifiers: {what} name unknown verifier types: {', '.join(unknown)}")
     if len(VERIFIERS) != len(_SPECS):
         raise RuntimeError("flywheel.verifiers: two verifier specs share a name")
-    unknown = sorted(_EXACT_OR_UPPER - VERIFIERS.keys())  # nor a typo weaken limits_length()
-    if unknown:
-        raise RuntimeError(f"flywheel.verifiers: length limits name unknown verifier types: {', '.join(unknown)}")
 
 
 _check_registry()

@@ -3,8 +3,9 @@
 Takes a workspace where a round finished (e.g. the README's scratch round), rebuilds that round's training rows from
 its judged samples with a strategy (``--strategy``: best_of_n, repair; the round's own clean rows with ``round``),
 trains each variant from the round's champion and scores it on the round's held-out prompts exactly as the round's
-evaluate stage does (greedy, strict and loose) plus the general-text perplexity probe that guards promotion. The
-strategy's rows skip the quality gate here, so the figures are for comparing training settings, not a round.
+evaluate stage does (greedy, strict and loose) plus the general-text perplexity probe that guards promotion. A
+rebuilt strategy's rows pass the recipe's quality suites as a round's do (decontamination included); the round's
+review gate is not applied.
 
     .venv/bin/python bench/recipes.py --workspace /tmp/flywheel-scratch [--round 1] [--strategy repair]
         [--recipe configs/default.yaml] --variant 'sft-1e-4={"method": "sft", "learning_rate": 1e-4}' ...
@@ -46,20 +47,32 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def training_tables(config, strategy: str, record: dict) -> dict[str, list[dict]]:
-    """The round's rows for each method's table ("pairs" for DPO, "sft" otherwise), built once for all variants."""
+def training_tables(config, strategy: str, record: dict, gx_root: Path) -> dict[str, list[dict]]:
+    """The round's rows for each method's table ("pairs" for DPO, "sft" otherwise), built once for all variants.
+
+    Rebuilt rows pass the recipe's quality suites as the round's do (in a GX context under ``gx_root``), so rows
+    that share a long n-gram with a held-out prompt, or that the gate quarantines for any other reason, are not
+    trained on; the quarantined counts are printed."""
     from flywheel.dataset import read_table
     from flywheel.prompts import load_prompts
+    from flywheel.stages import PromptSplit, gate_tables
     from flywheel.strategies import build_strategy_data
 
     if strategy == "round":
         clean = record["quality"]["clean"]
         return {table: read_table(Path(clean[f"{table}_path"])).to_dict(orient="records") for table in ("pairs", "sft")}
-    prompts = load_prompts(Path(record["prompts"]["train_path"]))
+    split = PromptSplit(**record["prompts"])
     samples = read_table(Path(record["judged"]["path"]))
     recipe = config.model_copy(update={"strategy": config.strategy.model_copy(update={"name": strategy})})
-    made = build_strategy_data(recipe, prompts, samples, champion_dir=Path("."), base_dir=ROOT, device="cpu")
-    return {"pairs": made.pairs.to_dict(orient="records"), "sft": made.sft.to_dict(orient="records")}
+    made = build_strategy_data(recipe, load_prompts(Path(split.train_path)), samples, champion_dir=Path("."),
+                               base_dir=ROOT, device="cpu")
+    outcome = gate_tables(recipe, gx_root, {"samples": samples, "pairs": made.pairs, "sft": made.sft}, split,
+                          build_data_docs=False)
+    for table in ("pairs", "sft"):
+        dropped = outcome.quarantine[outcome.quarantine["table"] == table] if len(outcome.quarantine) else []
+        print(f"{strategy} {table}: {len(outcome.clean[table])} rows pass the quality gate, {len(dropped)} quarantined",
+              flush=True)
+    return {table: outcome.clean[table].to_dict(orient="records") for table in ("pairs", "sft")}
 
 
 def score(config, model_dir: Path, split, state_dir: Path) -> dict:
@@ -129,10 +142,10 @@ def main() -> None:
     # The round's champion, from the model store (fetched again if `flywheel prune` removed the store's copy).
     champion = registry.materialize(workspace.tracking_uri, registry.get_version(
         workspace.tracking_uri, config.model.registered_name, str(record["parent_version"])), workspace.models)
-    tables = training_tables(config, args.strategy, record)
     load = common.machine_load()
     rows_out: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="flywheel-recipes-") as scratch:
+        tables = training_tables(config, args.strategy, record, Path(scratch) / "gx")
         state = Path(scratch) / "state"
         rows_out.append({"variant": f"champion v{record['parent_version']}", "rows": None, "steps": None,
                          "train_s": None, **score(config, champion, split, state)})

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -20,11 +20,14 @@ from flywheel.evaluation import Evaluation
 from flywheel.generation import SamplingParams
 from flywheel.models import ModelError, atomic_write_text, provision_base
 from flywheel.prompts import Prompt
-from flywheel.quality import QualityReport, text_limits
+from flywheel.quality import QualityOutcome, QualityReport, text_limits
 from flywheel.review import ReviewDecision
 from flywheel.training import TrainedModel
 from flywheel.versioning import DatasetVersion
 from flywheel.workspace import Workspace
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Progress = Callable[[int], None]
 
@@ -584,26 +587,37 @@ REWARD_MODEL_DIR = "reward_model"
 
 # --- gates ------------------------------------------------------------------------------------------------------
 
-def quality_gate(config: FlywheelConfig, workspace: Workspace, context: RoundContext, split: PromptSplit,
-                 data: RoundData) -> QualityResult:
-    """Validate every table; clean rows go to the round's dataset, failing rows to quarantine with the reason."""
-    import pandas as pd
-
+def gate_tables(config: FlywheelConfig, gx_root: Path, tables: Mapping[str, pd.DataFrame], split: PromptSplit, *,
+                run_name: str | None = None, docs_dir: Path | None = None,
+                build_data_docs: bool = True) -> QualityOutcome:
+    """The recipe's quality suites over a round's tables (``flywheel.quality.run_quality_gate``), with what the
+    round's prompts say: the held-out prompts to decontaminate against, the languages asked for, and the prompts
+    whose instructions limit length. Returns the gate's outcome without enforcing it."""
     from flywheel.prompts import load_prompts
     from flywheel.quality import run_quality_gate
     from flywheel.verifiers import limits_length
 
-    tables = {"samples": read_table(Path(data.samples_path)), "pairs": read_table(Path(data.pairs_path)),
-              "sft": read_table(Path(data.sft_path))}
     eval_texts = [p.prompt for p in load_prompts(Path(split.eval_path))]
     train_prompts = load_prompts(Path(split.train_path))
     languages = {p.id: c.args["language"] for p in train_prompts
                  for c in p.constraints if c.type == "response_language"}
     limited = {p.id for p in train_prompts if any(limits_length(c.type, c.args) for c in p.constraints)}
-    outcome = run_quality_gate(workspace.gx_root, tables, eval_prompts=eval_texts, settings=config.quality,
-                               expected_languages=languages, limited_prompts=limited, run_name=context.name,
-                               docs_dir=Path(context.work_dir) / "data_docs")
+    return run_quality_gate(gx_root, tables, eval_prompts=eval_texts, settings=config.quality,
+                            expected_languages=languages, limited_prompts=limited, run_name=run_name,
+                            docs_dir=docs_dir, build_data_docs=build_data_docs)
+
+
+def quality_gate(config: FlywheelConfig, workspace: Workspace, context: RoundContext, split: PromptSplit,
+                 data: RoundData) -> QualityResult:
+    """Validate every table; clean rows go to the round's dataset, failing rows to quarantine with the reason."""
+    import pandas as pd
+
     from flywheel.lineage import CONFIG_SNAPSHOT
+
+    tables = {"samples": read_table(Path(data.samples_path)), "pairs": read_table(Path(data.pairs_path)),
+              "sft": read_table(Path(data.sft_path))}
+    outcome = gate_tables(config, workspace.gx_root, tables, split, run_name=context.name,
+                          docs_dir=Path(context.work_dir) / "data_docs")
 
     data_dir = Path(context.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,24 @@ def test_extrapolation_scales_what_training_moved(tiny_model_dir, tmp_path, fact
     verify_model(Path(scaled.path))
 
 
+def test_extrapolation_without_a_parameters_starting_value_raises_and_changes_nothing():
+    # A start taken from another model (or before an adapter was added) must not be half applied.
+    import torch
+
+    from flywheel.training import extrapolate
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    start = {name: p.detach().clone() for name, p in model.named_parameters() if not name.startswith("1.")}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    moved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(TrainingError, match=r"2 trained parameters \(first '1.weight'\) have no starting value"):
+        extrapolate(model, start, 2.0)
+    assert all(torch.equal(p, moved[name]) for name, p in model.named_parameters())
+    assert not torch.equal(moved["0.weight"], before["0.weight"])
+
+
 @pytest.mark.parametrize("factor", [0, -1.0, 4.5])
 def test_extrapolation_out_of_range_is_refused(factor):
     with pytest.raises(ValueError, match="extrapolation"):

@@ -232,10 +232,10 @@ class QualityConfig(Section):
         "limit. Off by default: the default model truncates most answers at 96 tokens, and quarantining them would "
         "halve the training data; the share is bounded by max_truncated_share either way.")
     quarantine_cut_off_limits: bool = Field(
-        True, description="Quarantine SFT rows the token limit cut off (not ended), and pairs whose chosen answer "
-        "is a cut-off sample, whose prompt sets an exact count or an upper limit (bullets, numbered items, "
-        "paragraphs, sections, at most N words or sentences): the cut has not shown where the answer stops, and "
-        "trained as an open target it teaches the model to write past the count (bench/README.md).")
+        True, description="Quarantine SFT rows the token limit cut off (not ended) whose prompt sets an exact count "
+        "or an upper limit (bullets, numbered items, paragraphs, sections, at most N words or sentences): the cut "
+        "has not shown where the answer stops, and trained as an open target it teaches the model to write past the "
+        "count (bench/README.md).")
     max_refusal_share: float = Field(0.1, ge=0, le=1, description="The round stops when a larger share of samples "
                                      "are refusals (\"I can't help with that\"); the default round has about 0.")
     max_repetition_share: float = Field(0.2, ge=0, le=1, description="The round stops when a larger share of samples "

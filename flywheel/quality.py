@@ -108,11 +108,9 @@ _CONTENT_COLUMNS: dict[str, tuple[str, ...]] = {
 _CONTENT_CHECKS = ("refusal", "repetitive", "wrong_language")
 # Training targets whose truncation at the token limit quarantines the row (when quality.quarantine_truncated).
 _TRUNCATION_COLUMNS: dict[str, tuple[str, ...]] = {"pairs": ("chosen",), "sft": ("completion",)}
-# SFT rows the token limit cut off (``ended`` false), and pairs whose chosen answer is a cut-off sample, whose prompt
-# sets an exact count or an upper limit (flywheel.verifiers.limits_length): quarantined when
-# quality.quarantine_cut_off_limits.
+# SFT rows the token limit cut off (``ended`` false) whose prompt sets an exact count or an upper limit
+# (flywheel.verifiers.limits_length): quarantined when quality.quarantine_cut_off_limits.
 _CUT_OFF_LIMIT = "cut_off_under_limit"
-_CUT_OFF_CHECKED = ("pairs", "sft")
 _SCORE_COLUMNS: dict[str, tuple[str, ...]] = {
     "samples": ("score",),
     "pairs": ("chosen_score", "rejected_score"),
@@ -161,7 +159,7 @@ def _derived(kind: str) -> tuple[str, ...]:
     cols += [s.column for s in _SHARES.get(kind, ()) if s.column not in cols]
     if kind == "pairs":
         cols.append("chosen_equals_rejected")
-    if kind in _CUT_OFF_CHECKED:
+    if kind == "sft":
         cols.append(_CUT_OFF_LIMIT)
     if kind in ("pairs", "sft"):
         cols.append("prompt_normalized")
@@ -347,7 +345,7 @@ def _expectations(kind: str) -> list[Any]:
     for c in _TRUNCATION_COLUMNS.get(kind, ()):
         exps.append(E.ExpectColumnValuesToBeInSet(
             column=f"{c}_truncated", value_set={"$PARAMETER": _P_TRUNCATED_OK}))
-    if kind in _CUT_OFF_CHECKED:
+    if kind == "sft":
         exps.append(E.ExpectColumnValuesToBeInSet(column=_CUT_OFF_LIMIT, value_set={"$PARAMETER": _P_CUT_OFF_LIMIT_OK}))
     if kind in _EVAL_CHECKED:
         exps.append(E.ExpectColumnValuesToNotBeInSet(column="prompt_normalized", value_set={"$PARAMETER": _P_EVAL}))
@@ -534,9 +532,6 @@ def _derive(table: str, df: pd.DataFrame, facts: _RoundFacts) -> pd.DataFrame:
         work[_CUT_OFF_LIMIT] = _bool_series(
             [not bool(done) and pid in facts.limited for pid, done in zip(work["prompt_id"], ended)])
     if kind == "pairs":
-        # A pair carries no ``ended``: its chosen answer was cut off when it is a truncated sample's text.
-        work[_CUT_OFF_LIMIT] = _bool_series(
-            [bool(cut) and pid in facts.limited for pid, cut in zip(work["prompt_id"], work["chosen_truncated"])])
         work["chosen_equals_rejected"] = _bool_series(
             list(work["chosen"].notna() & (work["chosen"] == work["rejected"])))
     if kind in ("pairs", "sft"):
@@ -575,11 +570,11 @@ def run_quality_gate(
     DataFrames with a unique ``row_id`` column. ``settings``: the recipe's quality section (bounds, limits).
     ``expected_languages``: prompt_id -> language for prompts that ask for a language (other prompts expect
     ``settings.language``). ``limited_prompts``: prompt_ids whose instructions set an exact count or an upper
-    limit (:func:`flywheel.verifiers.limits_length`); their SFT rows that were cut off (``ended`` false), and their
-    pairs whose chosen answer is a cut-off sample, are quarantined when ``settings.quarantine_cut_off_limits``.
-    ``run_name`` (letters, digits, ``._-``) tags the GX validation results; by default one is generated. Data Docs
-    of this run go to ``docs_dir`` (default ``<context_root>/uncommitted/data_docs/runs/<run_name>``). Does not
-    raise when the gate fails: call :func:`enforce` on ``outcome.report`` for that.
+    limit (:func:`flywheel.verifiers.limits_length`); their SFT rows that were cut off (``ended`` false) are
+    quarantined when ``settings.quarantine_cut_off_limits``. ``run_name`` (letters, digits, ``._-``) tags the GX
+    validation results; by default one is generated. Data Docs of this run go to ``docs_dir`` (default
+    ``<context_root>/uncommitted/data_docs/runs/<run_name>``). Does not raise when the gate fails: call
+    :func:`enforce` on ``outcome.report`` for that.
     """
     import pandas as pd
 

@@ -177,9 +177,6 @@ PLANTED: list[tuple[str, str, dict, set[str]]] = [
     ("pairs", "p_repeat", {"chosen": REPEAT}, {f"{IN_SET}(chosen_repetitive)"}),
     ("pairs", "p_language", {"chosen": RUSSIAN}, {f"{IN_SET}(chosen_wrong_language)"}),
     ("pairs", "p_truncated", {"prompt_id": "p-cut", "chosen": "cut off in the midd"}, {f"{IN_SET}(chosen_truncated)"}),
-    ("pairs", "p_cut_limit", {"prompt_id": "p-limit", "chosen": "cut off in the midd"},
-     {f"{IN_SET}(chosen_truncated)", f"{IN_SET}(cut_off_under_limit)"}),
-    ("pairs", "p_ended_limit", {"prompt_id": "p-limit"}, set()),
     ("sft", "f_eval", {"prompt": "Eval Prompt\nTwo"}, {f"{NOT_IN_SET}(prompt_normalized)"}),  # too short for n-grams
     ("sft", "f_ngram", {"prompt": "Please describe the water cycle in detail for a class of chemists."},
      {f"{IN_SET}(prompt_shares_eval_ngram)"}),
@@ -211,8 +208,7 @@ PLANTED += [
 ]
 # Rows whose content the planted rows refer to: a truncated sample, a clean row of every table.
 SUPPORT = {
-    "samples": [sample("s_ok"), sample("s_cut", prompt_id="p-cut", response="cut off in the midd", finished=False),
-                sample("s_cut_limit", prompt_id="p-limit", response="cut off in the midd", finished=False)],
+    "samples": [sample("s_ok"), sample("s_cut", prompt_id="p-cut", response="cut off in the midd", finished=False)],
     "pairs": [pair("p_ok")],
     "sft": [sft_row("f_ok")],
     "eval_candidate": [eval_row("e_ok")],
@@ -433,22 +429,6 @@ def test_cut_off_rows_under_a_limit(tmp_path: Path, quarantine: bool, ended_colu
     assert set(out.clean["sft"]["row_id"]) == kept
     assert set(out.quarantine["row_id"]) == {"ended", "missing", "cut"} - kept
     assert list(out.clean["sft"].columns) == list(frame.columns)  # the derived column is not written
-
-
-@pytest.mark.parametrize(("quarantine", "kept"), [(True, {"ended", "other"}), (False, {"ended", "other", "cut"})])
-def test_pairs_whose_chosen_answer_was_cut_off_under_a_limit(tmp_path: Path, quarantine: bool, kept: set[str]) -> None:
-    # A pair has no `ended`: its chosen answer was cut off when it is the text of a sample the token limit stopped.
-    cut = "* one\n* two\n* thr"
-    samples = pd.DataFrame([sample("s-limit", prompt_id="p-limit", response=cut, finished=False),
-                            sample("s-other", prompt_id="p-other", response=cut, finished=False)])
-    pairs = pd.DataFrame([pair("cut", prompt_id="p-limit", chosen=cut), pair("ended", prompt_id="p-limit"),
-                          pair("other", prompt_id="p-other", chosen=cut)])
-    settings = SETTINGS.model_copy(update={"quarantine_cut_off_limits": quarantine, "quarantine_truncated": False})
-    out = gate(tmp_path / "great_expectations", {"samples": samples, "pairs": pairs}, settings,
-               limited_prompts=["p-limit"])
-    assert set(out.clean["pairs"]["row_id"]) == kept
-    assert set(out.quarantine["row_id"]) == {"ended", "other", "cut"} - kept
-    assert set(out.quarantine["reasons"]) <= {f"{IN_SET}(cut_off_under_limit)"}
 
 
 def test_empty_tables_pass(tmp_path: Path) -> None:

@@ -68,9 +68,9 @@ def training_tables(config, strategy: str, record: dict, gx_root: Path) -> dict[
                                base_dir=ROOT, device="cpu")
     outcome = gate_tables(recipe, gx_root, {"samples": samples, "pairs": made.pairs, "sft": made.sft}, split,
                           build_data_docs=False)
-    for table in ("pairs", "sft"):
-        dropped = outcome.quarantine[outcome.quarantine["table"] == table] if len(outcome.quarantine) else []
-        print(f"{strategy} {table}: {len(outcome.clean[table])} rows pass the quality gate, {len(dropped)} quarantined",
+    for table in ("pairs", "sft"):  # the quarantine keeps its columns when empty
+        dropped = int((outcome.quarantine["table"] == table).sum())
+        print(f"{strategy} {table}: {len(outcome.clean[table])} rows pass the quality gate, {dropped} quarantined",
               flush=True)
     return {table: outcome.clean[table].to_dict(orient="records") for table in ("pairs", "sft")}
 
